@@ -1,0 +1,237 @@
+"""A Pythia-style GPT-NeoX decoder with attention-sink variants.
+
+Architecture exactly as Pythia / Hugging Face ``GPTNeoXForCausalLM``: token embedding, per-block
+LayerNorms, fused QKV projection in GPT-NeoX's per-head interleaved layout ([q_h, k_h, v_h] per head),
+partial rotary embeddings, parallel (or sequential) residual, GELU MLP, final LayerNorm, untied
+output embedding over the padded vocabulary. The attention *kernel* (softmax / softmax1 /
+sink_logit) lives in :mod:`pretrain.attention`; sink tokens are ordinary embedding rows.
+
+Streaming caches plug in through :class:`KVCache`: the attention module hands the cache its
+un-rotated q, k, v and itself, and the cache decides positions, masking and what to keep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.attention import attend
+from pretrain.config import ModelConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """Partial rotary embedding (GPT-NeoX style: rotate-half over the first ``ndims`` dims)."""
+
+    def __init__(self, head_dim: int, ndims: int, base: float):
+        super().__init__()
+        self.ndims = ndims
+        inv_freq = 1.0 / (base ** (torch.arange(0, ndims, 2, dtype=torch.float) / ndims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) -> cos, sin of shape (1 or B, 1, T, ndims), computed in fp32."""
+        freqs = positions.to(torch.float)[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 2:
+            emb = emb[None]
+        emb = emb[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, T, D) as if its tokens sat at ``positions`` ((T,) or (B, T))."""
+        cos, sin = self.cos_sin(positions, x.dtype)
+        x_rot, x_pass = x[..., : self.ndims], x[..., self.ndims :]
+        half = self.ndims // 2
+        rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+        return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
+
+
+class KVCache(Protocol):
+    """What a cache must do for the model: attend for one layer and remember what it needs.
+
+    ``q``, ``k``, ``v`` are (B, H, T, D) and *not* rotated; ``attention`` exposes ``rotary``
+    (a :class:`RotaryEmbedding`), ``kind`` and ``sink_logit`` so the cache can rotate with positions
+    of its choosing and call :func:`pretrain.attention.attend` or build scores itself. Returns the
+    attention output (B, H, T, D) and, when ``need_probs``, the weights.
+    """
+
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention: "Attention",
+        position_ids: torch.Tensor | None,
+        need_probs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+class DenseCache:
+    """Unbounded cache of rotated keys: plain incremental decoding (dense attention)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return 0 if not self.keys else self.keys[0].shape[-2]
+
+    def attend(self, layer_idx, q, k, v, attention, position_ids, need_probs):
+        past = self.keys[layer_idx].shape[-2] if layer_idx in self.keys else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + q.shape[-2], device=q.device)
+        q = attention.rotary.rotate(q, position_ids)
+        k = attention.rotary.rotate(k, position_ids)
+        if layer_idx in self.keys:
+            k = torch.cat([self.keys[layer_idx], k], dim=-2)
+            v = torch.cat([self.values[layer_idx], v], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return attention.kernel(q, k, v, causal=True, need_probs=need_probs)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused, per-head interleaved QKV projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.kind = config.attention
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_ndims, config.rotary_base)
+        if self.kind == "sink_logit":
+            self.sink_logit = nn.Parameter(torch.full((config.num_heads,), float(config.sink_logit_init)))
+        else:
+            self.sink_logit = None
+
+    def kernel(self, q, k, v, mask=None, causal=False, need_probs=False):
+        """This layer's attention kernel on already-rotated q, k (see :func:`pretrain.attention.attend`)."""
+        return attend(q, k, v, self.kind, mask=mask, causal=causal, sink_logit=self.sink_logit, need_probs=need_probs)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        position_ids: torch.Tensor | None = None,  # (T,) or (B, T)
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, T, T)
+        need_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        # GPT-NeoX layout: the 3C outputs are [q_h, k_h, v_h] for head 0, then head 1, ...
+        qkv = self.qkv(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)  # each (B, H, T, D)
+        if cache is not None:
+            y, probs = cache.attend(self.layer_idx, q, k, v, self, position_ids, need_probs)
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(T, device=x.device)
+            q = self.rotary.rotate(q, position_ids)
+            k = self.rotary.rotate(k, position_ids)
+            y, probs = self.kernel(q, k, v, mask=attn_mask, causal=True, need_probs=need_probs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.mlp_size)
+        self.down = nn.Linear(config.mlp_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.parallel = config.use_parallel_residual
+        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, position_ids=None, cache=None, attn_mask=None, need_probs=False):
+        a, probs = self.attn(self.ln_attn(x), position_ids, cache, attn_mask, need_probs)
+        if self.parallel:
+            # Pythia: x + attn(ln1(x)) + mlp(ln2(x)); summed in HF's order for bitwise parity
+            return self.mlp(self.ln_mlp(x)) + a + x, probs
+        x = a + x
+        return self.mlp(self.ln_mlp(x)) + x, probs
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, padded_vocab)
+    attentions: list[torch.Tensor] | None = None  # per layer (B, H, T, Tk) when requested
+    hidden_states: torch.Tensor | None = None  # final hidden states before ln_f (B, T, C)
+
+
+class GPTNeoX(nn.Module):
+    """The decoder. ``forward(input_ids, position_ids=None, cache=None)`` -> :class:`ModelOutput`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Pythia's init: ``small_init`` N(0, sqrt(2/(5d))) for embeddings and input projections,
+        ``wang_init`` N(0, 2/(L sqrt(d))) for the attention and MLP output projections, zero biases,
+        unit LayerNorms, and ``sink_logit_init`` for sink logits."""
+        cfg = self.config
+        d, L = cfg.hidden_size, cfg.num_layers
+        stds = {"small_init": math.sqrt(2.0 / (5.0 * d)), "normal": cfg.init_std, "wang_init": 2.0 / (L * math.sqrt(d))}
+        std_in, std_out = stds[cfg.init_method], stds[cfg.output_init_method]
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith("attn.proj") or name.endswith("mlp.down")
+                nn.init.normal_(module.weight, mean=0.0, std=std_out if is_output else std_in)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std_in)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, Attention) and module.sink_logit is not None:
+                nn.init.constant_(module.sink_logit, cfg.sink_logit_init)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (T,) or (B, T); default 0..T-1 (or from the cache)
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,  # extra boolean mask (B|1, H|1, T, T), ANDed with causal
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        x = self.embed(input_ids)  # (B, T, C)
+        attentions = [] if output_attentions else None
+        for block in self.blocks:
+            x, probs = block(x, position_ids, cache, attn_mask, output_attentions)
+            if attentions is not None:
+                attentions.append(probs)
+        hidden = x if output_hidden_states else None
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return ModelOutput(logits=logits, attentions=attentions, hidden_states=hidden)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``labels`` are already aligned with ``logits`` (B, T)."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)

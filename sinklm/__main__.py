@@ -1,0 +1,3 @@
+from sinklm.cli import main
+
+raise SystemExit(main())
