@@ -1,0 +1,47 @@
+"""An *initial* checkpoint: a model to start ``sinklm train`` from (e.g. a converted Pythia).
+
+Folder layout: ``model.yaml`` (a :class:`ModelConfig`) and ``model.safetensors`` (our parameter
+names, fp32). Written by ``sinklm convert --to init`` and read by ``sinklm train`` when
+``train.init_from`` is set; unlike a DeepSpeed run folder it carries no optimizer state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pretrain.config import ConfigError, ModelConfig, load_yaml
+
+CONFIG_FILE = "model.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_init_checkpoint(folder: str | Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": "sinklm-init"})
+    tmp.replace(folder / WEIGHTS_FILE)
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return folder
+
+
+def is_init_checkpoint(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def load_init_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"initial checkpoint folder not found: {folder}")
+    if not is_init_checkpoint(folder):
+        raise ConfigError(f"{folder} is not an initial checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        config = ModelConfig.from_dict(load_yaml(folder / CONFIG_FILE))
+    except ConfigError as err:
+        raise ConfigError(f"{folder / CONFIG_FILE}: {err}") from None
+    return config, load_file(str(folder / WEIGHTS_FILE))
