@@ -129,20 +129,30 @@ def _attend_with_extra_key(
 
     Queries get ``_SINK_DIMS`` extra dims holding 1/scale in the first one; real keys hold 0 there
     and the extra key holds ``extra[h]``, so q'.k0' * scale = extra[h] and q'.k_j' = q.k_j.
+    In the square causal case (training) a dummy query row is prepended as well, so the problem
+    stays square with ``is_causal=True`` and no explicit mask: that keeps flash kernels eligible
+    (they need equal q/k/v head dims, hence v is padded too, and no boolean mask).
     """
     B, H, Tq, D = q.shape
+    Tk, Dv = k.shape[-2], v.shape[-1]
+    square_causal = mask is None and causal and Tq == Tk
     pad_q = q.new_zeros(B, H, Tq, _SINK_DIMS)
     pad_q[..., 0] = 1.0 / scale
     q_ext = torch.cat([q, pad_q], dim=-1)
-    k_ext = torch.cat([k, k.new_zeros(B, H, k.shape[-2], _SINK_DIMS)], dim=-1)
+    k_ext = torch.cat([k, k.new_zeros(B, H, Tk, _SINK_DIMS)], dim=-1)
     sink_key = torch.cat(
         [k.new_zeros(1, H, 1, D), extra.view(1, H, 1, 1), k.new_zeros(1, H, 1, _SINK_DIMS - 1)], dim=-1
     ).expand(B, H, 1, D + _SINK_DIMS)
     k_ext = torch.cat([sink_key, k_ext], dim=2)
-    # values stay D wide (SDPA allows Dv != Dqk); the extra key's value is 0
-    v_ext = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
-    tk = k.shape[-2]
-    keep = _combined_mask(mask, causal, Tq, tk, q.device)
+    if square_causal:
+        q_ext = torch.cat([q_ext.new_zeros(B, H, 1, D + _SINK_DIMS), q_ext], dim=2)
+        v_ext = torch.cat([v, v.new_zeros(B, H, Tk, D + _SINK_DIMS - Dv)], dim=-1)
+        v_ext = torch.cat([v_ext.new_zeros(B, H, 1, D + _SINK_DIMS), v_ext], dim=2)
+        out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=True, scale=scale)
+        return out[:, :, 1:, :Dv]
+    # values stay Dv wide (SDPA's math/efficient kernels allow Dv != Dqk); the extra key's value is 0
+    v_ext = torch.cat([v.new_zeros(B, H, 1, Dv), v], dim=2)
+    keep = _combined_mask(mask, causal, Tq, Tk, q.device)
     if keep is None:
         return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)
     keep = torch.cat([torch.ones(*keep.shape[:-1], 1, dtype=torch.bool, device=keep.device), keep], dim=-1)

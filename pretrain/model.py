@@ -13,8 +13,7 @@ un-rotated q, k, v and itself, and the cache decides positions, masking and what
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -168,8 +167,8 @@ class Block(nn.Module):
         return self.mlp(self.ln_mlp(x)) + x, probs
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    # a NamedTuple rather than a dataclass: ZeRO-3's forward hooks look inside tuples for tensors
     logits: torch.Tensor  # (B, T, padded_vocab)
     attentions: list[torch.Tensor] | None = None  # per layer (B, H, T, Tk) when requested
     hidden_states: torch.Tensor | None = None  # final hidden states before ln_f (B, T, C)

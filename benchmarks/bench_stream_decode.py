@@ -1,0 +1,178 @@
+"""Per-token decode latency: StreamingLLM cache vs sliding window with re-computation vs a dense cache.
+
+For each cache size W (default 256, 512, 1024, 2048) the same model decodes one token at a time:
+
+- ``stream``:    SinkCache(4, W - 4), already full and wrapping (the steady state of an endless stream);
+- ``recompute``: the paper's oracle baseline: a fresh forward over the last W tokens for every token;
+- ``dense``:     an unbounded cache holding W tokens (the cost of attending to W tokens, no eviction).
+
+Every step includes the vocabulary head for the new token. Methods run interleaved round by round so
+a busy machine slows each alike; the median per-token time is reported. Then a flat-latency run
+streams ``--flat-tokens`` tokens through a tiny model and compares the median per-token time of the
+first 10% after the cache fills with the last 10%. Ratios print last, and as JSON with ``--json``.
+
+    python benchmarks/bench_stream_decode.py                         # CPU, pythia-14m shape
+    python benchmarks/bench_stream_decode.py --device cuda --shape pythia-160m --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from inference.cache import SinkCache  # noqa: E402
+from inference.stream import final_hidden  # noqa: E402
+from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.model import GPTNeoX  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_stream(model, cache, ids, steps) -> float:
+    """Seconds per token decoding ``steps`` tokens through ``cache``."""
+    device = ids.device
+    sync(device)
+    began = time.perf_counter()
+    for t in range(steps):
+        model(ids[:, t : t + 1], cache=cache)
+    sync(device)
+    return (time.perf_counter() - began) / steps
+
+
+@torch.no_grad()
+def time_recompute(model, ids, window, steps) -> float:
+    """Seconds per token when every token re-runs the model over its last ``window`` tokens."""
+    device = ids.device
+    sync(device)
+    began = time.perf_counter()
+    for t in range(steps):
+        hidden = final_hidden(model, ids[:, t : t + window])
+        model.lm_head(hidden[:, -1])
+    sync(device)
+    return (time.perf_counter() - began) / steps
+
+
+@torch.no_grad()
+def decode_comparison(model, sizes, steps, rounds, device, start_size) -> list[dict]:
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for window in sizes:
+        total = 2 * window + steps * rounds + 16
+        ids = torch.randint(0, vocab, (1, total), generator=gen).to(device)
+        stream = SinkCache(start_size, window - start_size)
+        final_hidden(model, ids[:, : window + 8], stream)  # full and already evicting
+        dense = SinkCache(0, None)
+        final_hidden(model, ids[:, :window], dense)
+        times: dict[str, list[float]] = {"stream": [], "recompute": [], "dense": []}
+        offset = window + 8
+        time_stream(model, stream, ids[:, offset:], 2)  # warm-up (allocator, kernels)
+        offset += 2
+        for _ in range(rounds):
+            times["stream"].append(time_stream(model, stream, ids[:, offset:], steps))
+            times["recompute"].append(time_recompute(model, ids[:, offset - window + 1 :], window, steps))
+            times["dense"].append(time_stream(model, dense, ids[:, offset:], steps))
+            offset += steps
+        row = {"cache": window, **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()}}
+        row["recompute_over_stream"] = row["recompute_ms"] / row["stream_ms"]
+        row["dense_over_stream"] = row["dense_ms"] / row["stream_ms"]
+        rows.append(row)
+        print(
+            f"cache {window:5d}: stream {row['stream_ms']:8.3f} ms/tok  recompute {row['recompute_ms']:8.3f}  "
+            f"dense {row['dense_ms']:8.3f}",
+            flush=True,
+        )
+    return rows
+
+
+@torch.no_grad()
+def flat_latency(model, tokens, start_size, recent_size, device) -> dict:
+    """Per-token times over a long stream: first 10% after the cache fills vs the last 10%."""
+    cache = SinkCache(start_size, recent_size)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    per_token = []
+    for t in range(tokens):
+        sync(device)
+        began = time.perf_counter()
+        model(ids[:, t : t + 1], cache=cache)
+        sync(device)
+        per_token.append(time.perf_counter() - began)
+    filled = start_size + recent_size + 1
+    steady = per_token[filled:]
+    tenth = max(1, len(steady) // 10)
+    first, last = statistics.median(steady[:tenth]), statistics.median(steady[-tenth:])
+    return {
+        "tokens": tokens,
+        "cache": f"{start_size}+{recent_size}",
+        "first10_ms": 1000 * first,
+        "last10_ms": 1000 * last,
+        "last_over_first": last / first,
+        "cache_bytes": cache.nbytes(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="pythia-14m", help="model preset for the decode comparison")
+    parser.add_argument("--sizes", default="256,512,1024,2048", help="cache sizes W")
+    parser.add_argument("--start-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=32, help="tokens timed per method per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flat-shape", default="tiny")
+    parser.add_argument("--flat-tokens", type=int, default=100_000, help="0 skips the flat-latency run")
+    parser.add_argument("--flat-cache", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    torch.manual_seed(0)
+    model = GPTNeoX(ModelConfig.from_preset(args.shape, max_seq_len=max(max(sizes), 2048))).to(device, dtype).eval()
+    print(f"decode latency, {args.shape} ({model.num_params() / 1e6:.1f}M params), {device} {args.dtype}, "
+          f"median of {args.rounds} rounds x {args.steps} tokens", flush=True)
+    rows = decode_comparison(model, sizes, args.steps, args.rounds, device, args.start_size)
+
+    flat = None
+    if args.flat_tokens:
+        small = GPTNeoX(ModelConfig.from_preset(args.flat_shape)).to(device, dtype).eval()
+        print(f"flat latency: {args.flat_tokens:,} tokens through {args.flat_shape}, cache "
+              f"{args.start_size}+{args.flat_cache - args.start_size} ...", flush=True)
+        flat = flat_latency(small, args.flat_tokens, args.start_size, args.flat_cache - args.start_size, device)
+
+    print("\nratios (per-token latency; > 1 means the streaming cache is faster)")
+    for row in rows:
+        print(f"  cache {row['cache']:5d}: recompute / stream = {row['recompute_over_stream']:6.1f}x   "
+              f"dense / stream = {row['dense_over_stream']:5.2f}x")
+    if flat is not None:
+        print(f"  flat: last 10% / first 10% per-token time = {flat['last_over_first']:.3f} "
+              f"({flat['first10_ms']:.3f} -> {flat['last10_ms']:.3f} ms over {flat['tokens']:,} tokens; "
+              f"cache {flat['cache_bytes']:,} bytes)")
+    result = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "decode": rows, "flat": flat}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

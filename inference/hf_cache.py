@@ -1,0 +1,319 @@
+"""A StreamingLLM sink + window cache for Hugging Face ``transformers`` 5.x models.
+
+transformers 5 removed its ``SinkCache``, and the public StreamingLLM code pins transformers 4.33.
+:class:`SinkCache` here plugs into the current ``Cache`` API, so it works both with
+``model.generate(..., past_key_values=cache)`` (``cache=`` in newer releases) and with a manual loop
+``model(ids, cache=cache)``, for RoPE models whose rotary embedding is the rotate-half kind:
+GPT-NeoX / Pythia (partial rotary) and the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM).
+
+Semantics are the paper's (``DESIGN.md``, "Streaming semantics"): token t attends to the first
+``start_size`` tokens and the last ``recent_size`` tokens before it, with positions assigned by slot
+in the cache. How that is achieved with HF's already-rotated keys:
+
+- ``get_seq_length()`` reports the number of tokens *seen*, so HF rotates token t's query and key at
+  absolute position t, both in a manual loop (positions = past length + arange) and in ``generate``
+  (which counts positions itself). Cached keys are kept as HF rotated them.
+- RoPE scores depend only on position differences. A window token j must be at distance t - j from
+  query t: it already is. A sink i must be at distance min(t, S + R) - i, so before attending the
+  sink keys are rotated by ``shift = max(0, t - S - R)`` more -- always from their stored form, so
+  no rotation error accumulates over a long stream. The window's keys are never touched.
+
+One forward with T > 1 tokens is exact while no token of it needs an eviction first, i.e. while
+``seen + T - 1 <= S + R`` (a prompt that fits the cache). A longer chunk is processed densely and then
+trimmed -- what transformers 4.x's SinkCache did -- with a warning; :func:`stream_prefill` feeds a
+long prompt exactly (first chunk up to the cache size, then one token at a time).
+
+Limitations: batch rows must be unpadded (the cache keeps one position count for the batch), and
+rotary kinds that interleave pairs (GPT-J) or rescale with the sequence length ("dynamic") are
+refused, since shifting a key by a fixed angle is only right for fixed rotate-half frequencies.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+try:  # transformers >= 5: the layered Cache API
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError as exc:  # pragma: no cover - depends on the installed transformers
+    raise ImportError("inference.hf_cache needs transformers >= 5.0 (Cache / CacheLayerMixin API)") from exc
+
+# model_type values whose attention applies rotate-half RoPE to (a prefix of) each head's dims and
+# whose cache holds (B, H_kv, T, D) keys -- the families this cache is tested on or identical to.
+SUPPORTED_MODEL_TYPES = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "smollm3")
+_UNSUPPORTED_ROPE = ("dynamic", "longrope")
+
+
+class KeyShift:
+    """Rotate cached keys by a whole number of positions, using the model's live RoPE frequencies.
+
+    HF's keys are ``scale * R(p) k`` on the first ``rotary_dim`` dims (``scale`` is the rope type's
+    attention scaling, usually 1). ``R(p + d) = R(d) R(p)``, so a pure rotation by ``d`` moves a key
+    from position p to p + d without knowing p or k.
+    """
+
+    def __init__(self, rotary_module: nn.Module):
+        if not hasattr(rotary_module, "inv_freq"):
+            raise ValueError(f"{type(rotary_module).__name__} has no inv_freq buffer; not a RoPE module")
+        self.rotary_module = rotary_module
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.rotary_module.inv_freq.shape[-1]
+
+    def __call__(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+        """keys (B, H, T, D) rotated at positions p -> the same keys at positions p + shift."""
+        if shift == 0 or keys.shape[-2] == 0:
+            return keys
+        inv_freq = self.rotary_module.inv_freq.to(device=keys.device, dtype=torch.float32)
+        angles = float(shift) * inv_freq  # (rotary_dim / 2,)
+        emb = torch.cat([angles, angles])  # (rotary_dim,)
+        cos, sin = emb.cos(), emb.sin()
+        dim = self.rotary_dim
+        k_rot, k_pass = keys[..., :dim].float(), keys[..., dim:]
+        half = dim // 2
+        rotated_half = torch.cat([-k_rot[..., half:], k_rot[..., :half]], dim=-1)
+        shifted = (k_rot * cos + rotated_half * sin).to(keys.dtype)
+        return torch.cat([shifted, k_pass], dim=-1)
+
+
+def find_rotary_module(model: nn.Module) -> nn.Module:
+    """The model's (single, shared) rotary embedding module, e.g. ``model.model.rotary_emb``."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        model_type = getattr(text_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"SinkCache supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (rotate-half RoPE); "
+                f"this model is {model_type!r}"
+            )
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if rope_type in _UNSUPPORTED_ROPE:
+            raise ValueError(f"SinkCache cannot shift keys under rope_type {rope_type!r} (frequencies change with length)")
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and "rotary" in type(module).__name__.lower():
+            return module
+    raise ValueError(f"no rotary embedding module (with an inv_freq buffer) found in {type(model).__name__}")
+
+
+class SinkCacheLayer(CacheLayerMixin):
+    """One layer's keys/values: the first ``start_size`` tokens and the last ``recent_size``.
+
+    ``keys``/``values`` are (B, H_kv, L, D), sinks first, each key rotated at its absolute position
+    exactly as the model produced it.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, start_size: int, recent_size: int, key_shift: KeyShift, on_dense_chunk=None):
+        super().__init__()
+        self.start_size = start_size
+        self.recent_size = recent_size
+        self.key_shift = key_shift
+        self.seen = 0  # tokens fed so far; HF derives positions from it
+        self.on_dense_chunk = on_dense_chunk
+
+    @property
+    def capacity(self) -> int:
+        return self.start_size + self.recent_size
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        B, H, _, D = key_states.shape
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Add T new (rotated) keys/values; return what the T queries attend to, then evict."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T = key_states.shape[-2]
+        if T > 1 and self.seen + T - 1 > self.capacity and self.on_dense_chunk is not None:
+            self.on_dense_chunk(self.seen, T)
+        # the first query of this chunk sits at position `seen`; its sinks sit `shift` further on
+        shift = max(0, self.seen - self.capacity)
+        num_sinks = min(self.start_size, self.keys.shape[-2])
+        past_keys = self.keys
+        if shift and num_sinks:
+            sinks = self.key_shift(self.keys[:, :, :num_sinks], shift)
+            past_keys = torch.cat([sinks, self.keys[:, :, num_sinks:]], dim=-2)
+        keys = torch.cat([past_keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        # keep un-shifted sinks (shifts are always applied from the stored form) + the last R tokens
+        self.keys = self._evict(torch.cat([self.keys, key_states], dim=-2))
+        self.values = self._evict(values)
+        self.seen += T
+        return keys, values
+
+    def _evict(self, states: torch.Tensor) -> torch.Tensor:
+        length = states.shape[-2]
+        if length <= self.capacity:
+            return states
+        sinks = states[:, :, : self.start_size]
+        if self.recent_size == 0:
+            return sinks.contiguous()
+        return torch.cat([sinks, states[:, :, length - self.recent_size :]], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset): the cached keys plus the new ones, the new ones aligned with the
+        queries' absolute positions so HF's causal mask is right inside a chunk."""
+        stored = 0 if self.keys is None else self.keys.shape[-2]
+        return stored + query_length, self.seen - stored
+
+    def get_max_length(self) -> int:
+        return -1  # no limit on how many tokens can be streamed
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("SinkCache cannot be cropped (evicted tokens are gone); start a new cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+
+
+class SinkCache(Cache):
+    """StreamingLLM cache (``start_size`` attention sinks + ``recent_size`` window) for a HF model.
+
+    >>> cache = SinkCache(model, start_size=4, recent_size=1020)
+    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=2000)
+
+    A fresh cache per stream; for prompts longer than the cache use :func:`stream_prefill` first.
+    """
+
+    def __init__(self, model: nn.Module, start_size: int, recent_size: int, warn_dense_chunks: bool = True):
+        if start_size < 0 or recent_size < 0 or start_size + recent_size == 0:
+            raise ValueError(f"need start_size, recent_size >= 0 with a positive sum; got {start_size}, {recent_size}")
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        key_shift = KeyShift(find_rotary_module(model))
+        self.start_size, self.recent_size = start_size, recent_size
+        self._warned = not warn_dense_chunks
+        layers = [
+            SinkCacheLayer(start_size, recent_size, key_shift, on_dense_chunk=self._warn_dense)
+            for _ in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def _warn_dense(self, seen: int, length: int) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"SinkCache: a forward of {length} tokens after {seen} overruns the cache "
+                f"({self.start_size}+{self.recent_size}); it is processed densely, then trimmed (not the "
+                "per-token streaming protocol). Use inference.hf_cache.stream_prefill for long prompts.",
+                stacklevel=3,
+            )
+
+    def __repr__(self) -> str:
+        return f"SinkCache(start_size={self.start_size}, recent_size={self.recent_size}, seen={self.get_seq_length()})"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument that takes a cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, cache: Cache, key: str) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=True, **{key: cache})
+    return out.logits
+
+
+@torch.inference_mode()
+def stream_prefill(model: nn.Module, input_ids: torch.Tensor, cache: SinkCache, progress: bool = False) -> torch.Tensor:
+    """Feed ``input_ids`` (B, T) into ``cache`` exactly as the streaming protocol would.
+
+    The longest prefix that fits the cache goes in one forward, the rest one token per forward.
+    Returns the logits (B, T, V). To generate after a long prompt: ``stream_prefill(model,
+    ids[:, :-1], cache)`` then ``model.generate(ids, past_key_values=cache, ...)``.
+    """
+    key = cache_kwarg(model)
+    first = max(0, cache.start_size + cache.recent_size + 1 - cache.get_seq_length())
+    pieces = [input_ids[:, :first]] if first else []
+    pieces += list(input_ids[:, first:].split(1, dim=1))
+    pieces = [p for p in pieces if p.shape[1]]
+    logits = [_forward(model, p, cache, key) for p in tqdm(pieces, desc="prefill", disable=not progress)]
+    return torch.cat(logits, dim=1)
+
+
+@torch.inference_mode()
+def hf_streaming_nll(
+    model: nn.Module,
+    ids: torch.Tensor,  # (N,) token ids of one stream
+    start_size: int,
+    recent_size: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Per-token NLL (N - 1,) of a HF causal LM streamed through :class:`SinkCache`.
+
+    Same contract as ``inference.perplexity.streaming_nll``: element i scores token i + 1 after
+    feeding tokens 0..i. Exact per-token protocol (:func:`stream_prefill`), so O(N) forwards.
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D (one stream), got shape {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    cache = SinkCache(model, start_size, recent_size)
+    logits = stream_prefill(model, ids[None, :-1].to(device), cache, progress=progress)[0]
+    return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(device), reduction="none").cpu()
+
+
+@torch.inference_mode()
+def hf_dense_nll(model: nn.Module, ids: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Per-token NLL (N - 1,) with full attention over the first ``max_len`` tokens (all by default)."""
+    if max_len is not None:
+        ids = ids[:max_len]
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(device), reduction="none").cpu()
+
+
+def is_hf_llama_family(config: Any) -> bool:
+    """True for a HF config this module streams natively but ``pretrain.convert`` cannot convert."""
+    return getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and config.model_type != "gpt_neox"
+
+
+@torch.inference_mode()
+def hf_recompute_nll(
+    model: nn.Module, ids: torch.Tensor, window: int, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """Sliding window with re-computation for a HF causal LM: NLL (N - 1,), token i + 1 predicted by a
+    fresh forward over the ``window`` tokens ending at i (fewer at the start)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    n = ids.numel()
+    out = torch.empty(n - 1, dtype=torch.float32)
+    # targets 1 .. window: one causal pass over the first window tokens scores them all
+    head = min(window, n - 1)
+    logits = model(input_ids=ids[None, :head], use_cache=False).logits[0]
+    out[:head] = torch.nn.functional.cross_entropy(logits.float(), ids[1 : head + 1], reduction="none").cpu()
+    targets = torch.arange(window + 1, max(n, window + 1))  # empty when the text fits one window
+    for chunk in tqdm(targets.split(batch_size) if targets.numel() else (), desc=f"recompute {window}", disable=not progress):
+        rows = torch.stack([ids[i - window : i] for i in chunk.tolist()])  # (b, window)
+        last = model(input_ids=rows, use_cache=False).logits[:, -1]
+        out[chunk - 1] = torch.nn.functional.cross_entropy(last.float(), ids[chunk.to(device)], reduction="none").cpu()
+    return out

@@ -1,0 +1,513 @@
+"""The training run's configuration: typed sections, composable YAML files, dotted overrides.
+
+A run is described by one or more YAML files merged in order, then ``--section.key=value``
+overrides from the command line::
+
+    sinklm train configs/experiments/quickstart-vanilla.yaml --train.max_steps=20 --optimizer.lr=3e-4
+
+File shape (every section optional except ``data.path``)::
+
+    base: quickstart-base.yaml      # file(s) merged first, relative to this file (a list is fine)
+    model:                          # a preset name, or a mapping merged onto a preset
+      preset: tiny                  # configs/models/<preset>.yaml (or a path to a model YAML)
+      attention: softmax1           # any ModelConfig field overrides the preset
+    data: {path: runs/data/bundled, text_tokens: 255}
+    train: {run_dir: runs/quickstart-vanilla, max_steps: 200, micro_batch_size: 8}
+    optimizer: {lr: 1.0e-3}         # null = Pythia's peak lr for the preset's size
+    checkpoint: {every: 100, keep_last: 2}
+    logging: {log_every: 10}
+    wandb: {mode: disabled}
+    deepspeed: {config: zero1}      # configs/deepspeed/zero1.json, or a path to a JSON file
+    probe: {every: 0}               # periodic streaming-perplexity probe (off)
+
+Unknown keys anywhere are errors naming the key path. The resolved config (``model`` as a full
+:class:`ModelConfig` mapping, every default filled in) is what the run saves as ``config.yaml``;
+feeding that file back to ``sinklm train`` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pretrain.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, load_yaml, preset_path, to_dict
+
+# Pythia's peak learning rates (EleutherAI/pythia models/*.yml), keyed by ModelConfig.name.
+PYTHIA_LR = {
+    "tiny": 1e-3,
+    "pythia-14m": 1e-3,
+    "pythia-31m": 1e-3,
+    "pythia-70m": 1e-3,
+    "pythia-160m": 6e-4,
+    "pythia-410m": 3e-4,
+    "pythia-1b": 3e-4,
+    "pythia-1.4b": 2e-4,
+    "pythia-2.8b": 1.6e-4,
+    "pythia-6.9b": 1.2e-4,
+    "pythia-12b": 1.2e-4,
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the tokenized shards are and how samples are cut (see ``data.loader.SampleLoader``)."""
+
+    path: str = ""
+    """Folder written by ``sinklm data prepare`` (holds ``manifest.json``). Required."""
+
+    train_split: str = "train"
+    """Split trained on."""
+
+    validation_split: str = "validation"
+    """Held-out split for the validation loss."""
+
+    seq_len: int | None = None
+    """Sample length fed to the model; ``null`` = the model's ``max_seq_len``."""
+
+    text_tokens: int | None = None
+    """Text tokens per sample (the model sees ``sink_tokens`` + this). Set it to the same value
+    for every variant of an experiment so they all train on identical text; ``null`` =
+    ``seq_len - sink_tokens``."""
+
+    seed: int = 1234
+    """Shuffling seed of the sample order."""
+
+    shuffle: bool = True
+    """Shuffle training samples (a fresh permutation per epoch)."""
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, batch, precision, where it is saved."""
+
+    run_dir: str = "runs/default"
+    """Run folder: checkpoints ``global_step{N}/``, ``latest``, ``config.yaml``, ``metrics.jsonl``."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks; sets gradient accumulation =
+    global / (micro x world size), which must divide exactly. ``null``: use ``grad_accum_steps``."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (used when ``global_batch_size`` is null)."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto`` = bf16 on GPUs that support it, else fp32 (always fp32 on CPU)."""
+
+    seed: int = 1234
+    """Seed of the initial weights (identical on every rank)."""
+
+    eval_every: int = 0
+    """Validation loss every N steps (and at the end); 0 = only at the end."""
+
+    eval_batches: int = 8
+    """Micro-batches per rank in each validation pass (the same samples every time)."""
+
+    compile: bool = False
+    """``torch.compile`` the model inside the DeepSpeed engine (GPU; about a minute of compiling,
+    then ~25% more tokens/s for Pythia-160M on an H200)."""
+
+    init_from: str | None = None
+    """An initial checkpoint folder (``sinklm convert --to init``) loaded before DeepSpeed starts."""
+
+    resume: str = "auto"
+    """``auto``: continue from ``run_dir/latest`` if it exists; ``never``: refuse a run folder that
+    already holds checkpoints; or a path to a run folder / ``global_step{N}`` folder to start from."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warm-up + cosine decay: Pythia's recipe by default."""
+
+    lr: float | None = None
+    """Peak learning rate; ``null`` = Pythia's for the model preset (1e-3 for 14m-70m, 6e-4 for
+    160m, 3e-4 for 410m)."""
+
+    min_lr_ratio: float = 0.1
+    """The cosine decays to this fraction of the peak."""
+
+    warmup_ratio: float = 0.01
+    """Linear warm-up over this fraction of ``max_steps`` (Pythia: 1%)."""
+
+    warmup_steps: int | None = None
+    """Explicit warm-up length; overrides ``warmup_ratio``."""
+
+    decay_steps: int | None = None
+    """Steps over which the cosine decays (then stays at the minimum); ``null`` = ``max_steps``."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to biases, LayerNorms or other 1-D parameters."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and how many to keep."""
+
+    every: int = 1000
+    """Save ``global_step{N}`` every N steps (0 = only at the end)."""
+
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints (0 = keep all)."""
+
+    save_at_end: bool = True
+    """Save after the last step."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL and plots (all on rank 0)."""
+
+    log_every: int = 10
+    """Console line every N steps (metrics.jsonl gets every step)."""
+
+    progress_bar: bool = True
+    """A tqdm bar with loss, lr and ETA (only on a terminal or when forced true)."""
+
+    plot: bool = True
+    """Write ``loss.png`` at each checkpoint and at the end."""
+
+    peak_tflops: float | None = None
+    """Per-device peak TFLOP/s for MFU; ``null`` = guessed from the GPU name (none on CPU)."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases; never required and never prompts."""
+
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "sinklm"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; ``null`` = the run folder's name."""
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None
+    """Where wandb writes; ``null`` = the run folder."""
+
+
+@dataclass
+class DeepSpeedSection:
+    """DeepSpeed engine settings. Batch sizes, clipping and precision come from ``train`` /
+    ``optimizer`` and override whatever the JSON says."""
+
+    config: str = "zero1"
+    """``zero0`` ... ``zero3`` (``configs/deepspeed/``) or a path to a DeepSpeed JSON file."""
+
+    zero_stage: int | None = None
+    """Override the JSON's ZeRO stage."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Merged (recursively) into the JSON, e.g. ``{zero_optimization: {overlap_comm: true}}``."""
+
+
+@dataclass
+class ProbeConfig:
+    """Periodic streaming-perplexity probe (needs :mod:`inference.perplexity`)."""
+
+    every: int = 0
+    """Run every N steps (0 = off)."""
+
+    start_size: int = 4
+    recent_size: int = 252
+    num_tokens: int = 2048
+    """Tokens of the validation split streamed through the sink + window cache."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; ``to_dict()`` is the resolved ``config.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or self.model.max_seq_len
+
+    @property
+    def text_tokens(self) -> int:
+        return self.data.text_tokens if self.data.text_tokens is not None else self.seq_len - self.model.sink_tokens
+
+    @property
+    def sample_len(self) -> int:
+        """Tokens the model sees per sample: sink tokens + text tokens."""
+        return self.model.sink_tokens + self.text_tokens
+
+    def validate(self) -> None:
+        """Cross-section checks (each section validated its own fields already)."""
+
+        def fail(key: str, message: str) -> None:
+            raise ConfigError(f"{key}: {message}")
+
+        if not self.data.path:
+            fail("data.path", "required: the folder written by `sinklm data prepare`")
+        if self.text_tokens < 1:
+            fail("data.text_tokens", f"must be >= 1, got {self.text_tokens}")
+        if self.sample_len > self.model.max_seq_len:
+            fail(
+                "data.text_tokens",
+                f"{self.model.sink_tokens} sink + {self.text_tokens} text tokens exceed "
+                f"model.max_seq_len={self.model.max_seq_len}",
+            )
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
+            if getattr(self.train, key) < 1:
+                fail(f"train.{key}", f"must be >= 1, got {getattr(self.train, key)}")
+        for key, value in (
+            ("train.eval_every", self.train.eval_every),
+            ("checkpoint.every", self.checkpoint.every),
+            ("checkpoint.keep_last", self.checkpoint.keep_last),
+            ("probe.every", self.probe.every),
+        ):
+            if value < 0:
+                fail(key, f"must be >= 0, got {value}")
+        if self.logging.log_every < 1:
+            fail("logging.log_every", f"must be >= 1, got {self.logging.log_every}")
+        opt = self.optimizer
+        if opt.lr is None or opt.lr <= 0:
+            fail("optimizer.lr", f"must be > 0, got {opt.lr}")
+        if not 0.0 <= opt.min_lr_ratio <= 1.0:
+            fail("optimizer.min_lr_ratio", f"must be in [0, 1], got {opt.min_lr_ratio}")
+        if not 0.0 <= opt.warmup_ratio < 1.0:
+            fail("optimizer.warmup_ratio", f"must be in [0, 1), got {opt.warmup_ratio}")
+        if opt.grad_clip < 0:
+            fail("optimizer.grad_clip", f"must be >= 0, got {opt.grad_clip}")
+        if self.deepspeed.zero_stage is not None and self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
+
+
+# --------------------------------------------------------------------------------------------
+# composing files and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` onto a copy of ``base`` (mappings merge, anything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _normalize_model(section: Any, where: str) -> dict[str, Any]:
+    """``model: tiny`` -> ``{preset: tiny}`` so files and overrides merge as mappings."""
+    if section is None:
+        return {}
+    if isinstance(section, str):
+        return {"preset": section}
+    if isinstance(section, dict):
+        return dict(section)
+    raise ConfigError(f"{where}: model: expected a preset name or a mapping, found {section!r}")
+
+
+def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file with its ``base`` files merged underneath (paths relative to the file)."""
+    path = Path(path)
+    if not path.is_file() and not path.suffix:
+        candidate = CONFIG_DIR / "experiments" / f"{path}.yaml"
+        path = candidate if candidate.is_file() else path
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"{path}: circular `base` chain: {' -> '.join(str(p) for p in (*_seen, resolved))}")
+    data = _numbers_in_exponent_form(load_yaml(path))
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of them, found {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _merge_files(merged, load_config_file(path.parent / base, (*_seen, resolved)), path)
+    if "model" in data:
+        data["model"] = _normalize_model(data["model"], str(path))
+    return _merge_files(merged, data, path)
+
+
+def _merge_files(base: dict[str, Any], update: dict[str, Any], path: Path) -> dict[str, Any]:
+    if "model" in update and "model" in base:
+        # a full model mapping (e.g. a saved config.yaml) replaces a preset rather than mixing with it
+        if _is_full_model(update["model"]):
+            base = {**base, "model": {}}
+    return deep_merge(base, update)
+
+
+def _is_full_model(section: dict[str, Any]) -> bool:
+    return {"num_layers", "hidden_size", "num_heads", "vocab_size"} <= set(section)
+
+
+# YAML 1.1 reads "3e-4" (no dot) as a string; every config author writes it, so read it as a number.
+_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers_in_exponent_form(value: Any) -> Any:
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers_in_exponent_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_in_exponent_form(v) for v in value]
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-4`` -> (["train", "lr"], 0.0003); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected --section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), _numbers_in_exponent_form(value)
+
+
+def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+    if keys[0] == "model":
+        data = {**data, "model": _normalize_model(data.get("model"), "override")}
+        if keys == ["model"] and isinstance(value, str):
+            keys = ["model", "preset"]  # --model=pythia-14m swaps the preset, keeps other model keys
+    nested: Any = value
+    for key in reversed(keys):
+        nested = {key: nested}
+    return deep_merge(data, nested)
+
+
+def build_model_config(section: dict[str, Any]) -> ModelConfig:
+    section = dict(section)
+    preset = section.pop("preset", None)
+    if preset is None:
+        return ModelConfig.from_dict(section, where="model")
+    if not isinstance(preset, str):
+        raise ConfigError(f"model.preset: expected a preset name or path, found {preset!r}")
+    path = preset_path(preset)
+    try:
+        return ModelConfig.from_dict({**load_yaml(path), **section}, where="model")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (model preset {path})") from None
+
+
+def build_run_config(data: dict[str, Any]) -> RunConfig:
+    """A validated :class:`RunConfig` from a merged mapping (defaults filled in)."""
+    data = dict(data)
+    model = build_model_config(_normalize_model(data.pop("model", None), "config"))
+    run = from_dict(RunConfig, data)
+    run.model = model
+    if run.optimizer.lr is None:
+        if model.name not in PYTHIA_LR:
+            raise ConfigError(
+                f"optimizer.lr: no default peak learning rate for model {model.name!r}; set it "
+                f"(Pythia's: {', '.join(f'{k} {v:g}' for k, v in PYTHIA_LR.items() if k.startswith('pythia'))})"
+            )
+        run.optimizer.lr = PYTHIA_LR[model.name]
+    run.optimizer.betas = tuple(run.optimizer.betas)  # type: ignore[assignment]
+    if len(run.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas: expected two numbers, found {list(run.optimizer.betas)}")
+    run.validate()
+    return run
+
+
+def resolve_config(files: list[str | Path], overrides: list[str] = ()) -> RunConfig:
+    """Merge ``files`` in order, apply ``overrides`` (``section.key=value``), validate."""
+    if not files:
+        raise ConfigError("no config file given (e.g. configs/experiments/quickstart-vanilla.yaml)")
+    merged: dict[str, Any] = {}
+    for path in files:
+        merged = _merge_files(merged, load_config_file(path), Path(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        merged = apply_override(merged, keys, value)
+    return build_run_config(merged)
+
+
+# --------------------------------------------------------------------------------------------
+# the DeepSpeed JSON
+# --------------------------------------------------------------------------------------------
+
+
+def deepspeed_json_path(name: str) -> Path:
+    candidates = [Path(name), CONFIG_DIR / "deepspeed" / name, CONFIG_DIR / "deepspeed" / f"{name}.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in (CONFIG_DIR / "deepspeed").glob("*.json"))
+    raise ConfigError(f"deepspeed.config: no DeepSpeed config {name!r}; available: {', '.join(available)} or a path")
+
+
+def deepspeed_config(run: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The JSON handed to ``deepspeed.initialize``: the file, the overrides, then our batch,
+    clipping and precision settings (which win)."""
+    path = deepspeed_json_path(run.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    ds = deep_merge(ds, run.deepspeed.overrides)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"{path}: remove the {key!r} block: sinklm builds AdamW and the lr schedule itself "
+                f"(set them in the `optimizer` section)"
+            )
+    zero = ds.setdefault("zero_optimization", {})
+    if run.deepspeed.zero_stage is not None:
+        zero["stage"] = run.deepspeed.zero_stage
+    zero.setdefault("stage", 0)
+    micro, gas = run.train.micro_batch_size, gradient_accumulation_steps(run, world_size)
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = micro * gas * world_size
+    ds["gradient_clipping"] = run.optimizer.grad_clip
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    if precision == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
+        ds["fp16"].setdefault("initial_scale_power", 16)
+    ds.setdefault("steps_per_print", 10**12)  # our own logger prints
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def gradient_accumulation_steps(run: RunConfig, world_size: int) -> int:
+    if run.train.global_batch_size is None:
+        return run.train.grad_accum_steps
+    per_step = run.train.micro_batch_size * world_size
+    if run.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={run.train.global_batch_size} is not a multiple of "
+            f"micro_batch_size x world size = {run.train.micro_batch_size} x {world_size}"
+        )
+    return run.train.global_batch_size // per_step

@@ -1,0 +1,232 @@
+"""The transformers SinkCache against a plain per-token reference of the streaming protocol.
+
+The reference is written here from the HF modules' weights, independent of the cache: it keeps
+*un-rotated* keys, trims them to the first S and last R tokens after every step, and re-rotates
+them with positions 0..len-1 each step (query at the last slot) -- DESIGN.md's semantics verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from inference.hf_cache import SinkCache, cache_kwarg, hf_dense_nll, hf_recompute_nll, hf_streaming_nll, stream_prefill
+
+START, RECENT = 2, 10  # capacity 12: tokens 13.. are fed after the first eviction
+STREAM = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared by many processes: more threads only oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_neox() -> GPTNeoXForCausalLM:
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        rotary_pct=0.25, max_position_embeddings=256, use_parallel_residual=True,
+    )
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, rope_theta=10000.0,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, rope_theta=10000.0,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, base: float) -> torch.Tensor:
+    """Rotate-half RoPE of x (H, T, D) at ``positions`` (T,) on the first rotary_dim dims."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+    freqs = positions.float()[:, None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class ReferenceStream:
+    """Token-by-token StreamingLLM with un-rotated cached keys, re-rotated at 0..len-1 every step."""
+
+    def __init__(self, model, start: int, recent: int):
+        self.model, self.start, self.recent = model, start, recent
+        cfg = model.config
+        self.neox = cfg.model_type == "gpt_neox"
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = cfg.hidden_size // self.heads
+        rope = cfg.rope_parameters
+        self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
+        self.base = rope["rope_theta"]
+        self.keys: list[torch.Tensor] = [torch.zeros(self.kv_heads, 0, self.head_dim) for _ in range(cfg.num_hidden_layers)]
+        self.values = [t.clone() for t in self.keys]
+
+    def _qkv(self, layer, h):  # h (1, C) -> q (H, 1, D), k, v (H_kv, 1, D), un-rotated
+        if self.neox:
+            qkv = layer.attention.query_key_value(h).view(1, self.heads, 3 * self.head_dim).transpose(0, 1)
+            return qkv.chunk(3, dim=-1)
+        attn = layer.self_attn
+        q = attn.q_proj(h).view(1, self.heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(h).view(1, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(h).view(1, self.kv_heads, self.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def _attend(self, i, q, k, v):
+        keys = torch.cat([self.keys[i], k], dim=1)  # (H_kv, L, D) un-rotated
+        values = torch.cat([self.values[i], v], dim=1)
+        length = keys.shape[1]
+        keys = _rope(keys, torch.arange(length), self.rotary_dim, self.base)
+        q = _rope(q, torch.tensor([length - 1]), self.rotary_dim, self.base)
+        rep = self.heads // self.kv_heads
+        keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
+        probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
+        # store this token's un-rotated k/v, then evict to the first S and the last R
+        new_k, new_v = torch.cat([self.keys[i], k], dim=1), torch.cat([self.values[i], v], dim=1)
+        if new_k.shape[1] > self.start + self.recent:
+            keep = list(range(self.start)) + list(range(new_k.shape[1] - self.recent, new_k.shape[1]))
+            new_k, new_v = new_k[:, keep], new_v[:, keep]
+        self.keys[i], self.values[i] = new_k, new_v
+        return (probs @ values).transpose(0, 1).reshape(1, -1)  # (1, H * D)
+
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        m = self.model
+        if self.neox:
+            x = m.gpt_neox.embed_in(torch.tensor([token]))
+            for i, layer in enumerate(m.gpt_neox.layers):
+                a = layer.attention.dense(self._attend(i, *self._qkv(layer, layer.input_layernorm(x))))
+                x = x + a + layer.mlp(layer.post_attention_layernorm(x))  # parallel residual
+            return m.get_output_embeddings()(m.gpt_neox.final_layer_norm(x))[0]
+        x = m.model.embed_tokens(torch.tensor([token]))
+        for i, layer in enumerate(m.model.layers):
+            x = x + layer.self_attn.o_proj(self._attend(i, *self._qkv(layer, layer.input_layernorm(x))))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return m.lm_head(m.model.norm(x))[0]
+
+
+def _stream_tokens() -> torch.Tensor:
+    return torch.randint(0, 96, (STREAM,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=["gpt_neox", "llama", "qwen2"])
+def model_and_reference_logits(request):
+    model = {"gpt_neox": _tiny_neox, "llama": _tiny_llama, "qwen2": _tiny_qwen2}[request.param]()
+    ref = ReferenceStream(model, START, RECENT)
+    ids = _stream_tokens()
+    logits = torch.stack([ref.step(int(t)) for t in ids])  # (N, V)
+    return model, ids, logits
+
+
+def test_reference_matches_dense_model_before_eviction(model_and_reference_logits):
+    """Guards the reference itself: before any eviction it must be the ordinary dense model."""
+    model, ids, ref_logits = model_and_reference_logits
+    n = START + RECENT + 1
+    with torch.no_grad():
+        dense = model(input_ids=ids[None, :n], use_cache=False).logits[0]
+    torch.testing.assert_close(ref_logits[:n], dense, atol=1e-5, rtol=1e-4)
+
+
+def test_per_token_loop_matches_reference_across_eviction(model_and_reference_logits):
+    """Manual loop model(ids, cache=SinkCache): wrong sink positions or window after eviction
+    (e.g. keys left at stale positions, sinks evicted, off-by-one capacity) change the logits."""
+    model, ids, ref_logits = model_and_reference_logits
+    cache = SinkCache(model, START, RECENT)
+    key = cache_kwarg(model)
+    with torch.no_grad():
+        logits = torch.stack([model(input_ids=ids[None, t : t + 1], **{key: cache}).logits[0, 0] for t in range(STREAM)])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == STREAM
+    assert cache.layers[0].keys.shape[-2] == START + RECENT
+
+
+def test_stream_prefill_and_nll_match_reference(model_and_reference_logits):
+    """The exact prefill (one chunk up to the cache size, then single tokens) and hf_streaming_nll
+    must be the per-token protocol, not a dense pass over the prompt."""
+    model, ids, ref_logits = model_and_reference_logits
+    cache = SinkCache(model, START, RECENT)
+    logits = stream_prefill(model, ids[None], cache)[0]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    nll = hf_streaming_nll(model, ids, START, RECENT, progress=False)
+    expected = torch.nn.functional.cross_entropy(ref_logits[:-1], ids[1:], reduction="none")
+    torch.testing.assert_close(nll, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_with_sink_cache_is_greedy_reference(model_and_reference_logits):
+    """model.generate(..., past_key_values=SinkCache) past the eviction point must produce the
+    reference's greedy continuation (generate counts positions itself; the cache must agree)."""
+    model, ids, _ = model_and_reference_logits
+    prompt = ids[:8]
+    new_tokens = 24  # 8 + 24 = 32 > capacity 12: many evictions while generating
+    ref = ReferenceStream(model, START, RECENT)
+    for t in prompt[:-1]:
+        ref.step(int(t))
+    expected, token = [], int(prompt[-1])
+    for _ in range(new_tokens):
+        token = int(ref.step(token).argmax())
+        expected.append(token)
+    cache = SinkCache(model, START, RECENT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values -> cache rename notice
+        out = model.generate(
+            prompt[None], past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+            min_new_tokens=new_tokens, pad_token_id=0,
+        )
+    assert out[0, len(prompt) :].tolist() == expected
+
+
+def test_hf_recompute_baseline():
+    """Sliding window with re-computation: inside the first window it is the dense model; beyond it
+    each token sees exactly the previous W tokens at positions 0..W-1 (checked against one fresh pass)."""
+    model, ids = _tiny_llama(), _stream_tokens()
+    window = 8
+    nll = hf_recompute_nll(model, ids, window, batch_size=5)
+    torch.testing.assert_close(nll[:window], hf_dense_nll(model, ids)[:window])
+    i = 30  # target token 30 from tokens 22..29
+    with torch.no_grad():
+        logits = model(input_ids=ids[None, i - window : i]).logits[0, -1]
+    assert nll[i - 1].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, ids[i]).item(), abs=1e-5)
+    short = hf_recompute_nll(model, ids[:6], window)  # text shorter than one window
+    torch.testing.assert_close(short, hf_dense_nll(model, ids[:6]))
+
+
+def test_overlong_chunk_warns():
+    """A single forward longer than the cache cannot follow the per-token protocol; the user must be told."""
+    model = _tiny_neox()
+    cache = SinkCache(model, START, RECENT)
+    with pytest.warns(UserWarning, match="stream_prefill"):
+        with torch.no_grad():
+            model(input_ids=_stream_tokens()[None, :20], **{cache_kwarg(model): cache})
+
+
+def test_rejects_unsupported_models():
+    """Interleaved-RoPE families would be silently wrong under a rotate-half key shift."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=32, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64))
+    with pytest.raises(ValueError, match="gptj"):
+        SinkCache(model, 1, 4)

@@ -1,0 +1,99 @@
+"""`sinklm experiment`: the quickstart, shrunk to a few steps, end to end through the real tools."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError
+from pretrain.experiment import load_experiment, main
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "quickstart.yaml"
+
+
+def _shrunk(report: Path) -> list[str]:
+    return [
+        f"report_dir={report}",
+        "prepare_args=[--max-docs, '3', --workers, '1', --no-progress]",
+        "train_overrides=[train.max_steps=6, train.eval_every=3, train.eval_batches=2, checkpoint.every=3, logging.log_every=2, logging.progress_bar=false]",
+        "compare.cache_size=32",
+        "compare.max_tokens=600",
+        "compare.dense_max_tokens=300",
+        "compare.recompute_max_tokens=80",
+        "compare.chunk_size=128",
+        "compare.extra_args=[--sink-inputs, '4', --map-inputs, '4', --no-progress]",
+        "zeroshot.tasks=[arc_easy]",
+        "zeroshot.limit=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def quickstart_report(tmp_path_factory):
+    report = tmp_path_factory.mktemp("exp") / "quickstart"
+    assert main([str(QUICKSTART), *_shrunk(report)]) == 0
+    return report
+
+
+@pytest.mark.slow
+def test_quickstart_produces_every_report_file(quickstart_report):
+    """Prevents: a report that silently lacks a stage's output (plots, tables, exports)."""
+    r = quickstart_report
+    for variant in ("vanilla", "softmax1", "sink1"):
+        assert (r / "runs" / variant / "latest").is_file()
+        assert (r / "runs" / variant / "metrics.jsonl").is_file()
+        assert (r / "exports" / variant / "config.json").is_file()
+        assert (r / "plots" / f"loss_{variant}.png").is_file()
+    for rel in ["index.md", "plots/loss_curves.png", "compare/table.md", "compare/table.csv", "compare/ppl_curves.png",
+                "compare/sinks.json", "compare/summary.json", "zeroshot/table.md", "zeroshot/table.csv"]:
+        assert (r / rel).is_file(), rel
+    assert list((r / "compare").glob("attention_*.png"))
+    index = (r / "index.md").read_text()
+    for heading in ["## Summary", "## What ran", "## Streaming perplexity", "## Attention sinks", "## Zero-shot accuracy"]:
+        assert heading in index
+    assert "hardware:" in index and "Stage times" in index
+    # the table in the report is compare's own table, verbatim
+    assert (r / "compare" / "table.md").read_text().strip() in index
+
+
+@pytest.mark.slow
+def test_report_tables_equal_the_individual_commands(quickstart_report, tmp_path):
+    """Prevents: the report computing its numbers differently from `sinklm compare`."""
+    from inference.compare import main as compare_main
+
+    r = quickstart_report
+    args = [f"{v}={r / 'exports' / v}" for v in ("vanilla", "softmax1", "sink1")]
+    args += ["--output-dir", str(tmp_path / "cmp"), "--cache-size", "32", "--start-sizes", "0,1,2,4", "--max-tokens", "600",
+             "--dense-max-tokens", "300", "--recompute-max-tokens", "80", "--chunk-size", "128",
+             "--sink-inputs", "4", "--map-inputs", "4", "--no-progress"]
+    assert compare_main(args) == 0
+    ours = list(csv.DictReader(open(r / "compare" / "table.csv")))
+    direct = list(csv.DictReader(open(tmp_path / "cmp" / "table.csv")))
+    assert ours == direct
+    sinks = json.loads((r / "compare" / "sinks.json").read_text())
+    index = (r / "index.md").read_text()
+    for name, metric in sinks.items():
+        assert f"| {name} | {metric['sink_rate']:.1%} |" in index
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(quickstart_report, capsys):
+    """Prevents: a re-run redoing hours of training instead of resuming finished stages."""
+    assert main([str(QUICKSTART), *_shrunk(quickstart_report)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("prepare", "train-vanilla", "export-sink1", "compare", "zeroshot"):
+        assert f"{stage}: done earlier" in out
+
+
+def test_bad_experiment_config_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment:\n  variants: {vanilla: quickstart-vanilla.yaml}\n  compare: {cache_sise: 4}\n")
+    with pytest.raises(ConfigError, match="compare.cache_sise"):
+        load_experiment(bad)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("experiment:\n  variants: {vanilla: nowhere.yaml}\n")
+    with pytest.raises(ConfigError, match="variants.vanilla: training config not found: nowhere.yaml"):
+        load_experiment(missing)
+    assert main([str(missing)]) == 2
