@@ -39,7 +39,7 @@ def _start_size(config: str) -> int:
     return int(config.split("+", 1)[0])
 
 
-def summarise(results: list[ModelResult], paper_configs: str = "configs/experiments/paper-160m-*.yaml") -> str:
+def summarise(results: list[ModelResult], paper_configs: str = "configs/experiments/paper-160m.yaml") -> str:
     """Plain-language findings, derived only from ``results``."""
     if not results:
         return "No model was evaluated, so there is nothing to summarise."
@@ -78,7 +78,7 @@ def summarise(results: list[ModelResult], paper_configs: str = "configs/experime
     if not with_sink and max(spreads.values()) <= SAME_PPL_SPREAD:
         lines.append(
             f"With no sink, keeping initial tokens cannot matter, so this run cannot show the paper's effect; "
-            f"see {paper_configs} for the scale where it does (Pythia-160M on the Pile, ~300B tokens)."
+            f"see {paper_configs} for the scale where it does (Pythia-160M on the deduplicated Pile, ~75B tokens per variant) or gpu-day-70m.yaml (one GPU-day, ~5B tokens)."
         )
     return "\n\n".join(lines)
 
