@@ -43,7 +43,10 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, D) as if its tokens sat at ``positions`` ((T,) or (B, T))."""
-        cos, sin = self.cos_sin(positions, x.dtype)
+        return self.apply(x, *self.cos_sin(positions, x.dtype))
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, T, D) with precomputed ``cos_sin`` tables."""
         x_rot, x_pass = x[..., : self.ndims], x[..., self.ndims :]
         half = self.ndims // 2
         rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
@@ -122,6 +125,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, T, T)
         need_probs: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin for position_ids, shared by all layers
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         # GPT-NeoX layout: the 3C outputs are [q_h, k_h, v_h] for head 0, then head 1, ...
@@ -130,10 +134,11 @@ class Attention(nn.Module):
         if cache is not None:
             y, probs = cache.attend(self.layer_idx, q, k, v, self, position_ids, need_probs)
         else:
-            if position_ids is None:
-                position_ids = torch.arange(T, device=x.device)
-            q = self.rotary.rotate(q, position_ids)
-            k = self.rotary.rotate(k, position_ids)
+            if rope is None:
+                rope = self.rotary.cos_sin(torch.arange(T, device=x.device) if position_ids is None else position_ids, q.dtype)
+            cos, sin = (t.to(q.dtype) for t in rope)  # no-op unless autocast made q lower precision than x
+            q = self.rotary.apply(q, cos, sin)
+            k = self.rotary.apply(k, cos, sin)
             y, probs = self.kernel(q, k, v, mask=attn_mask, causal=True, need_probs=need_probs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), probs
@@ -158,8 +163,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, position_ids=None, cache=None, attn_mask=None, need_probs=False):
-        a, probs = self.attn(self.ln_attn(x), position_ids, cache, attn_mask, need_probs)
+    def forward(self, x, position_ids=None, cache=None, attn_mask=None, need_probs=False, rope=None):
+        a, probs = self.attn(self.ln_attn(x), position_ids, cache, attn_mask, need_probs, rope)
         if self.parallel:
             # Pythia: x + attn(ln1(x)) + mlp(ln2(x)); summed in HF's order for bitwise parity
             return self.mlp(self.ln_mlp(x)) + a + x, probs
@@ -219,8 +224,13 @@ class GPTNeoX(nn.Module):
     ) -> ModelOutput:
         x = self.embed(input_ids)  # (B, T, C)
         attentions = [] if output_attentions else None
+        rope = None
+        if cache is None:
+            # every layer rotates with the same tables: compute them once per forward, not per layer
+            positions = torch.arange(x.shape[1], device=x.device) if position_ids is None else position_ids
+            rope = self.blocks[0].attn.rotary.cos_sin(positions, x.dtype)
         for block in self.blocks:
-            x, probs = block(x, position_ids, cache, attn_mask, output_attentions)
+            x, probs = block(x, position_ids, cache, attn_mask, output_attentions, rope)
             if attentions is not None:
                 attentions.append(probs)
         hidden = x if output_hidden_states else None
