@@ -133,6 +133,20 @@ def _looks_like_hub_name(spec: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
 
 
+def uses_hf_route(spec: str) -> bool:
+    """True when ``spec`` is a Llama-family Hugging Face model, which streams through
+    :mod:`inference.hf_cache` rather than our exact chunked path (that needs our GPT-NeoX)."""
+    model_type = _local_hf_model_type(str(spec))
+    if model_type is None and _looks_like_hub_name(str(spec)):
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(str(spec)).model_type
+        except (OSError, ValueError):
+            return False  # let the regular loader report the problem
+    return model_type in hf_cache.SUPPORTED_MODEL_TYPES and model_type != "gpt_neox"
+
+
 def load_entry(
     name: str,
     spec: str | Path,

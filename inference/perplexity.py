@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from inference.cache import SinkCache
+from inference.hf_cache import hf_streaming_nll
 from inference.stream import (
+    DTYPES,
     StreamError,
     add_cache_args,
     add_model_args,
@@ -218,37 +220,55 @@ def main(argv: list[str] | None = None) -> int:
         baselines = _parse_baselines(args.baselines)
         if args.chunk_size < 1:
             raise StreamError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-        model, config, tokenizer = load_streaming_model(args)
-        ids, text_name = read_stream_tokens(args, tokenizer)
+        from inference.compare import load_entry, uses_hf_route  # lazy: compare imports this module
+
+        if uses_hf_route(args.checkpoint):
+            # a Llama-family HF model: streamed token by token through inference.hf_cache.SinkCache
+            entry = load_entry("model", args.checkpoint, DTYPES[args.dtype], args.device, args.tokenizer)
+            ids, text_name = entry.tokenize(args)
+            variant = entry.description
+        else:
+            entry = None
+            model, config, tokenizer = load_streaming_model(args)
+            ids, text_name = read_stream_tokens(args, tokenizer)
+            variant = f"{config.variant} ({config.attention}, {config.sink_tokens} sink tokens)"
     except (StreamError, ValueError, FileNotFoundError, OSError) as err:
         return fail(prog, err)
 
     progress = not args.no_progress
     cache_size = start + recent
     print(
-        f"{args.checkpoint}: {config.variant} ({config.attention}, {config.sink_tokens} sink tokens), "
-        f"{text_name}: {ids.numel():,} tokens, cache {start}+{recent}, {args.mode} mode",
+        f"{args.checkpoint}: {variant}, {text_name}: {ids.numel():,} tokens, cache {start}+{recent}, "
+        f"{'per-token (HF SinkCache)' if entry is not None else args.mode} mode",
         file=sys.stderr,
     )
+
+    def stream_nll(s: int, r: int, mode: str) -> torch.Tensor:
+        if entry is not None:
+            return hf_streaming_nll(entry.model, ids, s, r, progress=progress)
+        return streaming_nll(model, ids, s, r, mode, args.chunk_size, progress)
+
     def window_nll() -> torch.Tensor:
         with warnings.catch_warnings():  # evicting a sink-token model's sinks is this baseline's point
             warnings.filterwarnings("ignore", message=r".*sink token\(s\).*")
-            return streaming_nll(model, ids, 0, cache_size, "fast", args.chunk_size, progress)
+            return stream_nll(0, cache_size, "fast")
 
     dense_len = min(ids.numel(), args.dense_max_len)
     recompute_len = min(ids.numel(), args.recompute_max_tokens)
     runs: list[tuple[str, dict, Callable[[], torch.Tensor]]] = [
-        (f"stream_{start}+{recent}", {"start_size": start, "recent_size": recent, "mode": args.mode},
-         lambda: streaming_nll(model, ids, start, recent, args.mode, args.chunk_size, progress)),
+        (f"stream_{start}+{recent}", {"start_size": start, "recent_size": recent, "mode": args.mode if entry is None else "hf-per-token"},
+         lambda: stream_nll(start, recent, args.mode)),
     ]
     if "dense" in baselines:
         runs.append((f"dense_{dense_len}", {"max_len": dense_len},
-                     lambda: dense_nll(model, ids, dense_len, args.chunk_size, progress)))
+                     lambda: entry.dense(ids, dense_len, args.chunk_size, progress) if entry is not None
+                     else dense_nll(model, ids, dense_len, args.chunk_size, progress)))
     if "window" in baselines:
         runs.append((f"window_0+{cache_size}", {"start_size": 0, "recent_size": cache_size}, window_nll))
     if "recompute" in baselines:
         runs.append((f"recompute_{cache_size}", {"window": cache_size, "max_tokens": recompute_len},
-                     lambda: recompute_nll(model, ids[:recompute_len], cache_size, args.recompute_batch, progress)))
+                     lambda: entry.recompute(ids[:recompute_len], cache_size, args.recompute_batch, progress) if entry is not None
+                     else recompute_nll(model, ids[:recompute_len], cache_size, args.recompute_batch, progress)))
 
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None:
@@ -270,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['method'].ljust(width)}  {r['tokens_scored']:>10,}  {r['ppl']:>12.4f}  {r['seconds']:>9.2f}")
     if out_dir is not None:
-        summary = {"checkpoint": args.checkpoint, "variant": config.variant, "text": text_name,
+        summary = {"checkpoint": args.checkpoint, "variant": variant, "text": text_name,
                    "text_tokens": ids.numel(), "dtype": args.dtype, "results": results}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {out_dir / 'summary.json'}", file=sys.stderr)

@@ -200,6 +200,17 @@ def test_llama_family_hf_folder_streams_through_hf_cache(exported_models, tmp_pa
     assert float(row["4+12"]) == pytest.approx(expected, rel=1e-6)
     assert (out / "attention_llama.png").is_file()
 
+    # `sinklm stream-ppl` takes the same route and reports the same number
+    from inference.perplexity import main as stream_ppl_main
+
+    ppl_dir = tmp_path / "ppl"
+    assert stream_ppl_main([str(folder), "--start-size", "4", "--recent-size", "12", "--max-tokens", "120",
+                            "--text", str(tmp_path / "text.txt"), "--baselines", "window",
+                            "--output-dir", str(ppl_dir), "--no-progress"]) == 0
+    results = {r["method"]: r for r in json.loads((ppl_dir / "summary.json").read_text())["results"]}
+    assert results["stream_4+12"]["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert results["window_0+16"]["ppl"] == pytest.approx(float(row["0+16"]), rel=1e-6)
+
 
 def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     """User errors print one line naming the problem and return 2, not a traceback."""
