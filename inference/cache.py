@@ -164,6 +164,8 @@ class SinkCache:
         state = self._state(layer_idx, k, v)
         s, r = self.start_size, self.recent_size
         t0 = state.seen
+        if T == 1 and not need_probs and r is not None and t0 >= s + r:
+            return self._decode_full(attention, state, q, k, v), None
         device = q.device
         pos = torch.arange(t0, t0 + T, device=device)  # stream positions of the new tokens
 
@@ -208,17 +210,23 @@ class SinkCache:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _angles(self, rotary, which: str, t0: int, positions: torch.Tensor, dtype: torch.dtype):
+    def _angles(self, rotary, which: str, t0: int, positions: torch.Tensor | None, dtype: torch.dtype,
+                fixed: tuple[int, ...] = (), device: torch.device | None = None):
         """cos/sin for this step's positions, computed by the first layer and reused by the others.
 
         Every layer processes the same tokens and GPT-NeoX layers share one rotary configuration,
         so a decode step computes its angles once instead of once per layer (fewer GPU launches).
+        ``fixed``: positions given as Python ints (the tensor is then made only on a memo miss).
         """
-        key = (which, t0, positions.shape[0], rotary.ndims, dtype, positions.device)
+        length = positions.shape[0] if positions is not None else len(fixed)
+        where = positions.device if positions is not None else device
+        key = (which, t0, length, fixed, rotary.ndims, dtype, where)
         found = self._angle_memo.get(key)
         if found is None:
             if len(self._angle_memo) >= 4:
                 self._angle_memo.clear()
+            if positions is None:
+                positions = torch.tensor(fixed, device=where)
             found = self._angle_memo[key] = rotary_cos_sin(rotary, positions, dtype)
         return found
 
@@ -243,6 +251,39 @@ class SinkCache:
                 out = part if out is None else out + part
             start += n
         return out, probs
+
+    def _decode_full(self, attention, state: _LayerState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One new token once the cache is full: the steady state of a long stream.
+
+        Same arithmetic as the general path with the bookkeeping it no longer needs: every kept key
+        is visible (no mask), no new token is a sink, and the ring slot to overwrite is known. The
+        two query rotations and the key rotation are one call, and scores come from the sink and
+        ring buffers in place, so a decode step launches about half the kernels (decoding on a GPU
+        is bound by launches, not arithmetic).
+        """
+        s, r = self.start_size, self.recent_size
+        t = state.seen
+        positions = (t, s + r, t)  # query for the window, query for the sinks, the new key
+        cos, sin = self._angles(attention.rotary, "decode", t, None, q.dtype, positions, q.device)
+        rotated = apply_rotary(torch.cat([q, q, k], dim=2), cos, sin)  # (B, H, 3, D)
+        q_win, q_sink, k_new = rotated[:, :, 0:1], rotated[:, :, 1:2], rotated[:, :, 2:3]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.cat(
+            [
+                q_sink @ state.sink_k.transpose(-1, -2),  # (B, H, 1, s)
+                q_win @ state.win_k.transpose(-1, -2),  # (B, H, 1, r): the ring, in slot order
+                (q_win * k_new).sum(-1, keepdim=True),  # the token itself
+            ],
+            dim=-1,
+        ).float() * scale
+        probs = attention_probs(scores, attention.kind, attention.sink_logit).to(v.dtype)
+        out = probs[..., :s] @ state.sink_v + probs[..., s : s + r] @ state.win_v + probs[..., s + r :] * v
+        slot = (t - s) % r  # the oldest window token's slot; it leaves the cache now
+        state.win_k[:, :, slot : slot + 1] = k_new
+        state.win_v[:, :, slot : slot + 1] = v
+        state.win_pos[slot] = t
+        state.seen = t + 1
+        return out
 
     def _attend_packed(self, attention, state: _LayerState, pos: torch.Tensor, q_sink, q_win, k_new, v, n_new_sinks, fused):
         """A chunk of T > 1 tokens, sink and window scores in one product per query block.
