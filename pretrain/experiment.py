@@ -147,6 +147,11 @@ class Stages:
     def _key(inputs: Any) -> str:
         return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def key_of(self, name: str) -> str:
+        """The recorded inputs key of a finished stage: later stages depend on it, so retraining a
+        variant also redoes the comparison and the zero-shot evaluation."""
+        return json.loads(self._marker(name).read_text())["key"]
+
     def run(self, name: str, inputs: Any, work: Callable[[], None]) -> None:
         marker = self._marker(name)
         key = self._key(inputs)
@@ -262,7 +267,7 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
         "--chunk-size", str(c.chunk_size),
         *c.extra_args,
     ]
-    trained = {n: json.loads(stages._marker(f"export-{n}").read_text())["key"] for n in cfg.variants}
+    trained = {n: stages.key_of(f"export-{n}") for n in cfg.variants}
     stages.run("compare", {"args": compare_args, "models": trained}, lambda: _call_tool("inference.compare", compare_args))
 
     if cfg.zeroshot.enabled:

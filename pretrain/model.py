@@ -43,9 +43,9 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, D) as if its tokens sat at ``positions`` ((T,) or (B, T))."""
-        return self.apply(x, *self.cos_sin(positions, x.dtype))
+        return self.rotate_with(x, *self.cos_sin(positions, x.dtype))
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate_with(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, D) with precomputed ``cos_sin`` tables."""
         x_rot, x_pass = x[..., : self.ndims], x[..., self.ndims :]
         half = self.ndims // 2
@@ -137,8 +137,8 @@ class Attention(nn.Module):
             if rope is None:
                 rope = self.rotary.cos_sin(torch.arange(T, device=x.device) if position_ids is None else position_ids, q.dtype)
             cos, sin = (t.to(q.dtype) for t in rope)  # no-op unless autocast made q lower precision than x
-            q = self.rotary.apply(q, cos, sin)
-            k = self.rotary.apply(k, cos, sin)
+            q = self.rotary.rotate_with(q, cos, sin)
+            k = self.rotary.rotate_with(k, cos, sin)
             y, probs = self.kernel(q, k, v, mask=attn_mask, causal=True, need_probs=need_probs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), probs

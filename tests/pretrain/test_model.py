@@ -143,3 +143,12 @@ def test_flops_per_token_is_palm_accounting():
     cfg = ModelConfig.from_preset("pythia-160m")
     n = cfg.num_params(include_embeddings=False) + cfg.hidden_size * cfg.padded_vocab_size
     assert cfg.flops_per_token(2048) == pytest.approx(6 * n + 12 * cfg.num_layers * 2048 * cfg.hidden_size, rel=0.01)
+
+
+def test_module_api_is_not_shadowed(tiny_config):
+    """Prevents: a submodule method named like an nn.Module method (e.g. ``apply``), which breaks
+    DeepSpeed and other libraries that walk the module tree with ``model.apply(fn)``."""
+    model = GPTNeoX(tiny_config)
+    seen = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert "RotaryEmbedding" in seen and "GPTNeoX" in seen
