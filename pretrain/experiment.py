@@ -135,10 +135,31 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
 class Stages:
     """Markers in ``<report>/stages/``: a stage is done when its marker holds the same inputs."""
 
-    def __init__(self, report: Path):
+    def __init__(self, report: Path, planned: list[str] = ()):
         self.folder = report / "stages"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.planned = list(planned)
+        self.started = time.time()
+        self.ran: dict[str, float] = {}  # stages run (not skipped) in this invocation
+
+    def _eta(self) -> str:
+        """Time left, guessed from stages of the same kind (``train-*``...) run so far."""
+        remaining = [n for n in self.planned if n not in self.timings]
+        if not self.ran or not remaining:
+            return ""
+        by_kind: dict[str, list[float]] = {}
+        for name, seconds in self.ran.items():
+            by_kind.setdefault(name.split("-")[0], []).append(seconds)
+        guesses = [sum(v) / len(v) for k, v in by_kind.items()]
+        default = sum(guesses) / len(guesses)
+        left = sum((lambda v: sum(v) / len(v))(by_kind[n.split("-")[0]]) if n.split("-")[0] in by_kind else default for n in remaining)
+        return f", about {_clock(left)} left"
+
+    def _progress(self, name: str) -> str:
+        done = len(self.timings) + 1
+        total = max(len(self.planned), done)
+        return f"[{done}/{total}, elapsed {_clock(time.time() - self.started)}{self._eta()}]"
 
     def _marker(self, name: str) -> Path:
         return self.folder / f"{name}.json"
@@ -161,15 +182,20 @@ class Stages:
                 self.timings[name] = previous.get("seconds", 0.0)
                 print(f"[experiment] {name}: done earlier ({previous['seconds']:.0f} s), skipped", flush=True)
                 return
-        print(f"[experiment] {name}: starting", flush=True)
+        print(f"[experiment] {name}: starting {self._progress(name)}", flush=True)
         start = time.time()
         work()
         seconds = time.time() - start
-        self.timings[name] = seconds
+        self.timings[name] = self.ran[name] = seconds
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "inputs": inputs, "seconds": seconds, "finished": time.ctime()}, default=str))
         os.replace(tmp, marker)
         print(f"[experiment] {name}: finished in {seconds:.0f} s", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class StageFailed(RuntimeError):
@@ -226,7 +252,9 @@ def _run_subprocess(command: list[str]) -> None:
 def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
     report = Path(cfg.report_dir)
     report.mkdir(parents=True, exist_ok=True)
-    stages = Stages(report)
+    planned = (["prepare"] if cfg.prepare else []) + [f"{kind}-{n}" for n in cfg.variants for kind in ("train", "export")]
+    planned += ["compare"] + (["zeroshot"] if cfg.zeroshot.enabled else [])
+    stages = Stages(report, planned)
     data_path = Path(cfg.data_path) if cfg.data_path else report / "data"
     started = time.time()
 
@@ -293,7 +321,12 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
 def hardware_description() -> str:
     import torch
 
-    parts = [f"{platform.machine()} CPU, {os.cpu_count()} cores", f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [f"{cpu} ({os.cpu_count()} cores)", f"Python {platform.python_version()}", f"torch {torch.__version__}"]
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         parts.insert(1, f"{len(names)} x {names[0]}")
