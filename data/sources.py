@@ -55,6 +55,22 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, record) for each non-empty line of a JSON-lines file (``.gz`` too); a line
+    that is not JSON raises :class:`DataError` naming the file and line."""
+    path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            yield f"{path}:{lineno}", record
+
+
 def _text_of(record: Any, text_field: str, where: str) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with a {text_field!r} field, found {type(record).__name__}")
@@ -151,16 +167,8 @@ class FilesSource(Source):
                 yield from self._parquet(path)
 
     def _jsonl(self, path: Path) -> Iterator[str]:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                yield _text_of(record, self.text_field, f"{path}:{lineno}")
+        for where, record in iter_jsonl(path):
+            yield _text_of(record, self.text_field, where)
 
     def _json(self, path: Path) -> Iterator[str]:
         try:

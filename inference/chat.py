@@ -10,7 +10,6 @@ and the reply is printed token by token as it is generated.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import TextIO
 
 import torch
 
+from data.shards import DataError
+from data.sources import iter_jsonl
 from inference.generate import Sampler, StreamingSession, TextStreamer, add_sampling_args
 from inference.stream import StreamError, add_cache_args, add_model_args, cache_sizes_from_args, fail, load_streaming_model
 
@@ -31,15 +32,11 @@ def read_turns(path: str | Path) -> list[str]:
     if not path.is_file():
         raise StreamError(f"turns file not found: {path}")
     turns: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StreamError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            turns.extend(_turns_of(record, f"{path}:{lineno}"))
+    try:
+        for where, record in iter_jsonl(path):
+            turns.extend(_turns_of(record, where))
+    except DataError as err:
+        raise StreamError(str(err)) from None
     if not turns:
         raise StreamError(f"{path}: no turns found")
     return turns

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pretrain.config import ConfigError, from_dict, load_yaml, to_dict
+from pretrain.config import ConfigError, from_dict, load_yaml
 from pretrain.report import ModelResult, summarise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -13,14 +13,6 @@ from pretrain.config import ModelConfig
 from pretrain.model import GPTNeoX
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine: one intra-op thread is ~8x faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class PaperCache:
     """The paper's own implementation, with no optimisation (the test's reference).

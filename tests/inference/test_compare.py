@@ -62,14 +62,6 @@ def _train(cfg: ModelConfig, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k_: v.detach() for k_, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by many processes: more threads only oversubscribe (10x slower training)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def exported_models(tmp_path_factory):

@@ -20,14 +20,6 @@ START, RECENT = 2, 10  # capacity 12: tokens 13.. are fed after the first evicti
 STREAM = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by many processes: more threads only oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny_neox() -> GPTNeoXForCausalLM:
     torch.manual_seed(0)

@@ -19,14 +19,6 @@ from pretrain.config import ModelConfig
 from pretrain.model import GPTNeoX
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by many processes: more threads only oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _causal_probs(first_key: list[float], T: int) -> torch.Tensor:
     """(1, H, T, T) causal attention: query i>0 gives head h's ``first_key[h]`` to key 0 and spreads

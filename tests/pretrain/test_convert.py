@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.config import ModelConfig
-from pretrain.convert import export_hf, load_model, main, read_checkpoint
-from pretrain.hf_keymap import load_into_hf_model, to_hf_config, to_hf_state_dict
+from pretrain.convert import load_model, main, read_checkpoint
+from pretrain.hf_keymap import to_hf_config
 from pretrain.init_checkpoint import load_init_checkpoint
 from pretrain.model import GPTNeoX
 
