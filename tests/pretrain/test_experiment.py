@@ -97,3 +97,19 @@ def test_bad_experiment_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="variants.vanilla: training config not found: nowhere.yaml"):
         load_experiment(missing)
     assert main([str(missing)]) == 2
+
+
+def test_every_shipped_experiment_config_loads():
+    """Prevents: a shipped experiment (paper-160m, gpu-day-70m...) failing on a cluster only after
+    its data is prepared because a key or a variant file is wrong, or its variants seeing
+    different text."""
+    from pretrain.train_config import resolve_config
+
+    experiments = [p for p in QUICKSTART.parent.glob("*.yaml") if "\nexperiment:" in "\n" + p.read_text()]
+    assert {p.stem for p in experiments} >= {"quickstart", "paper-160m", "gpu-day-70m"}
+    for path in experiments:
+        cfg, base = load_experiment(path)
+        runs = {name: resolve_config([str(base / file)], []) for name, file in cfg.variants.items()}
+        for name, run in runs.items():
+            assert run.model.variant == name, (path.name, name, run.model.variant)
+        assert len({(run.text_tokens, run.data.seed, run.train.max_steps) for run in runs.values()}) == 1, path.name
