@@ -250,33 +250,23 @@ class Trainer:
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         if run.train.compile:
             self.engine.compile()  # compiles the module in place: checkpoint keys stay the same
-        self.loader = SampleLoader(
-            run.data.path,
-            run.data.train_split,
-            seq_len=run.seq_len,
-            micro_batch_size=run.train.micro_batch_size,
-            sink_ids=cfg.sink_token_ids,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=run.data.seed,
-            shuffle=run.data.shuffle,
-            text_tokens=run.text_tokens,
-            model_vocab_size=cfg.padded_vocab_size,
-        )
-        self.val_loader = None
-        if self.plan.has_validation:
-            self.val_loader = SampleLoader(
+        def loader(split: str, **order) -> SampleLoader:
+            # train and validation cut samples identically; only the order differs
+            return SampleLoader(
                 run.data.path,
-                run.data.validation_split,
+                split,
                 seq_len=run.seq_len,
                 micro_batch_size=run.train.micro_batch_size,
                 sink_ids=cfg.sink_token_ids,
                 rank=env.rank,
                 world_size=env.world_size,
-                shuffle=False,
                 text_tokens=run.text_tokens,
                 model_vocab_size=cfg.padded_vocab_size,
+                **order,
             )
+
+        self.loader = loader(run.data.train_split, seed=run.data.seed, shuffle=run.data.shuffle)
+        self.val_loader = loader(run.data.validation_split, shuffle=False) if self.plan.has_validation else None
         if self.plan.resume is not None:
             self._resume(self.plan.resume)
         if env.is_main:
