@@ -34,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
 
     from data.corpora import SPLITS, read_book
-    from data.prepare import _text_tokenizer, prepare, split_document
+    from data.prepare import prepare
+    from data.tokenizing import split_document, text_tokenizer
     from data.tokenizer import load_tokenizer
 
     names = [name for split in SPLITS.values() for name in split]
     texts = [read_book(name)[: args.max_chars] for name in names]
     chars = sum(len(t) for t in texts)
     tok = load_tokenizer()
-    text_tokenizer = _text_tokenizer(tok.backend_tokenizer.to_str())
+    text_tokenizer = text_tokenizer(tok.backend_tokenizer.to_str())
     backend = Tokenizer.from_str(text_tokenizer.json)
     pieces = [piece for text in texts for piece in split_document(text)]
 

@@ -29,11 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.cache import SinkCache  # noqa: E402
-from inference.stream import final_hidden  # noqa: E402
+from pretrain.checkpoints import DTYPES  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.model import GPTNeoX  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sync(device: torch.device) -> None:
@@ -60,7 +59,7 @@ def time_recompute(model, ids, window, steps) -> float:
     sync(device)
     began = time.perf_counter()
     for t in range(steps):
-        hidden = final_hidden(model, ids[:, t : t + window])
+        hidden = model.hidden_states(ids[:, t : t + window])
         model.lm_head(hidden[:, -1])
     sync(device)
     return (time.perf_counter() - began) / steps
@@ -75,9 +74,9 @@ def decode_comparison(model, sizes, steps, rounds, device, start_size) -> list[d
         total = 2 * window + steps * rounds + 16
         ids = torch.randint(0, vocab, (1, total), generator=gen).to(device)
         stream = SinkCache(start_size, window - start_size)
-        final_hidden(model, ids[:, : window + 8], stream)  # full and already evicting
+        model.hidden_states(ids[:, : window + 8], cache=stream)  # full and already evicting
         dense = SinkCache(0, None)
-        final_hidden(model, ids[:, :window], dense)
+        model.hidden_states(ids[:, :window], cache=dense)
         times: dict[str, list[float]] = {"stream": [], "recompute": [], "dense": []}
         offset = window + 8
         time_stream(model, stream, ids[:, offset:], 2)  # warm-up (allocator, kernels)

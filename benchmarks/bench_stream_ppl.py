@@ -21,10 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.perplexity import perplexity, streaming_nll  # noqa: E402
+from pretrain.checkpoints import DTYPES, load_model  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.model import GPTNeoX  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def stream_tokens(n: int) -> torch.Tensor:
@@ -65,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.checkpoint:
-        from pretrain.convert import load_model
-
         model = load_model(args.checkpoint, dtype=DTYPES[args.dtype]).model
         name = args.checkpoint
     else:

@@ -19,25 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.corpora import GUTENBERG_DIR, SPLITS, read_book
 from data.shards import DataError
+from data.text import decode_text
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-
-
-def decode_text(raw: bytes) -> str:
-    """Bytes -> text: UTF-8 (BOM dropped), else Windows-1252, else Latin-1; CRLF and lone CR -> LF.
-
-    Windows-1252 comes before Latin-1 because Gutenberg-era "Latin-1" files often use its curly quotes
-    in 0x80-0x9F, which Latin-1 would turn into invisible control characters.
-    """
-    for encoding in ("utf-8-sig", "cp1252", "latin-1"):
-        try:
-            text = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -122,19 +109,13 @@ class BundledSource(Source):
     split: str
 
     def documents(self) -> Iterator[str]:
-        from data.corpora import SPLITS, read_book
-
         for name in SPLITS[self.split]:
             yield read_book(name)
 
     def describe(self) -> dict[str, Any]:
-        from data.corpora import SPLITS
-
         return {"kind": "bundled-gutenberg", "split": self.split, "books": list(SPLITS[self.split])}
 
     def total_bytes(self) -> int | None:
-        from data.corpora import GUTENBERG_DIR, SPLITS
-
         # Uncompressed size is in the gzip trailer (mod 2**32, fine for these books).
         total = 0
         for name in SPLITS[self.split]:

@@ -1,6 +1,6 @@
 """The StreamingLLM cache: ``start_size`` attention-sink tokens plus the ``recent_size`` latest tokens.
 
-Semantics (the paper's protocol, see DESIGN.md "Streaming semantics"): token t is processed once,
+Semantics (the paper's protocol, see docs/design.md, "Streaming semantics"): token t is processed once,
 its keys/values are kept, and after each step the cache is trimmed to the first s and the last r
 tokens. While token t is processed every layer attends to
 
@@ -16,7 +16,8 @@ RoPE only sees position differences, so that is the same as
 This cache stores keys already rotated: sinks at their slot positions 0 .. s - 1 and window keys at
 their absolute positions, and rotates each query twice (at t for the window, at min(t, s + r) for
 the sinks). One softmax (or softmax1 / sink_logit) runs over both groups of scores. Rotation
-angles are computed in float64 so that absolute positions in the millions lose no precision.
+angles are computed in float64 (:meth:`pretrain.model.RotaryEmbedding.tables`) so that absolute
+positions in the millions lose no precision.
 
 Storage is preallocated: the sinks in ``s`` slots and the window in a ring buffer of ``r`` slots;
 a step writes only the new tokens' slots (no per-token copy of the cache). Any number of new tokens
@@ -35,34 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.attention import attention_probs
+from pretrain.model import rotate_half
 
 # queries per explicit-score block in a chunk (CPU path): each block scores only its band of keys
 QUERY_BLOCK = 256
-
-
-def rotary_cos_sin(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, ndims) for ``positions`` (T,), like ``RotaryEmbedding.cos_sin`` but with float64 angles.
-
-    The model's own rotation forms angles in float32, which loses ~0.25 rad at position 4e6; the
-    cache puts window keys at absolute stream positions, so it needs exact angles.
-    """
-    freqs = positions.to(torch.float64)[:, None] * rotary.inv_freq.to(torch.float64)  # (T, ndims/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, ndims)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX rotate-half over the first ``cos.shape[-1]`` dims of x (B, H, T, D)."""
-    ndims = cos.shape[-1]
-    x_rot, x_pass = x[..., :ndims], x[..., ndims:]
-    half = ndims // 2
-    rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
-
-
-def rotate_at(rotary: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) to ``positions`` (T,) like ``RotaryEmbedding.rotate``, with float64 angles."""
-    return apply_rotary(x, *rotary_cos_sin(rotary, positions, x.dtype))
 
 
 @dataclass
@@ -171,11 +148,11 @@ class SinkCache:
 
         rotary = attention.rotary
         cos, sin = self._angles(rotary, "absolute", t0, pos, q.dtype)
-        q_win = apply_rotary(q, cos, sin)  # for keys at absolute positions
-        k_new = apply_rotary(k, cos, sin)  # new sinks too: their absolute position is their slot
+        q_win = rotate_half(q, cos, sin)  # for keys at absolute positions
+        k_new = rotate_half(k, cos, sin)  # new sinks too: their absolute position is their slot
         if r is not None and t0 + T - 1 > s + r:
             # once the cache is full, sinks sit at slots 0..s-1 and the query at slot s + r
-            q_sink = apply_rotary(q, *self._angles(rotary, "sink", t0, pos.clamp(max=s + r), q.dtype))
+            q_sink = rotate_half(q, *self._angles(rotary, "sink", t0, pos.clamp(max=s + r), q.dtype))
         else:
             q_sink = q_win
 
@@ -227,7 +204,7 @@ class SinkCache:
                 self._angle_memo.clear()
             if positions is None:
                 positions = torch.tensor(fixed, device=where)
-            found = self._angle_memo[key] = rotary_cos_sin(rotary, positions, dtype)
+            found = self._angle_memo[key] = rotary.tables(positions, dtype, torch.float64)
         return found
 
     @staticmethod
@@ -265,7 +242,7 @@ class SinkCache:
         t = state.seen
         positions = (t, s + r, t)  # query for the window, query for the sinks, the new key
         cos, sin = self._angles(attention.rotary, "decode", t, None, q.dtype, positions, q.device)
-        rotated = apply_rotary(torch.cat([q, q, k], dim=2), cos, sin)  # (B, H, 3, D)
+        rotated = rotate_half(torch.cat([q, q, k], dim=2), cos, sin)  # (B, H, 3, D)
         q_win, q_sink, k_new = rotated[:, :, 0:1], rotated[:, :, 1:2], rotated[:, :, 2:3]
         scale = 1.0 / math.sqrt(q.shape[-1])
         scores = torch.cat(

@@ -2,7 +2,7 @@
 
 Turns come from a JSONL file (MT-Bench question lines ``{"turns": ["...", "..."]}``, or one turn per
 line as ``{"content"|"prompt"|"text": "..."}`` or a JSON string) or from stdin, one turn per line.
-Every turn is fed into the same :class:`~inference.generate.StreamingSession`: the conversation
+Every turn is fed into the same generation session (:mod:`inference.session`): the conversation
 becomes one unbounded stream, the cache keeps the sinks and the recent window and evicts the rest,
 and the reply is printed token by token as it is generated.
 """
@@ -19,8 +19,10 @@ import torch
 
 from data.shards import DataError
 from data.sources import iter_jsonl
-from inference.generate import Sampler, StreamingSession, TextStreamer, add_sampling_args
-from inference.stream import StreamError, add_cache_args, add_model_args, cache_sizes_from_args, fail, load_streaming_model
+from inference.backends import load_backend
+from inference.generate import TextStreamer, add_sampling_args
+from inference.session import GenerationSession, Sampler
+from inference.stream import StreamError, add_cache_args, add_model_args, cache_sizes_from_args, fail
 
 DEFAULT_TEMPLATE = "USER: {prompt}\n\nASSISTANT: "
 TURN_FIELDS = ("content", "prompt", "text", "question")
@@ -70,7 +72,7 @@ def stdin_turns(stream: TextIO) -> Iterator[str]:
 
 
 def chat(
-    session: StreamingSession,
+    session: GenerationSession,
     tokenizer,
     turns: Iterable[str],
     sampler: Sampler,
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise StreamError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         turns = read_turns(args.turns) if args.turns else None
-        model, config, tokenizer = load_streaming_model(args)
-        session = StreamingSession(model, start, recent)
+        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag)
+        tokenizer = backend.tokenizer
+        session = backend.new_session(start, recent)
     except (StreamError, ValueError, FileNotFoundError, OSError) as err:
         return fail(prog, err)
     if turns is None:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         echo = True
     chat(session, tokenizer, turns, sampler, args.max_new_tokens, args.template, echo=echo, stop_at_eos=not args.ignore_eos)
-    print(f"[stream length {session.tokens_seen}, cache {len(session.cache)}/{start}+{recent}]", file=sys.stderr)
+    print(f"[stream length {session.tokens_seen}, cache {session.tokens_kept}/{start}+{recent}]", file=sys.stderr)
     return 0
 
 

@@ -1,12 +1,12 @@
 """A StreamingLLM sink + window cache for Hugging Face ``transformers`` 5.x models.
 
 transformers 5 removed its ``SinkCache``, and the public StreamingLLM code pins transformers 4.33.
-:class:`SinkCache` here plugs into the current ``Cache`` API, so it works both with
+:class:`HFSinkCache` here plugs into the current ``Cache`` API, so it works both with
 ``model.generate(..., past_key_values=cache)`` (``cache=`` in newer releases) and with a manual loop
 ``model(ids, cache=cache)``, for RoPE models whose rotary embedding is the rotate-half kind:
 GPT-NeoX / Pythia (partial rotary) and the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM).
 
-Semantics are the paper's (``DESIGN.md``, "Streaming semantics"): token t attends to the first
+Semantics are the paper's (``docs/design.md``, "Streaming semantics"): token t attends to the first
 ``start_size`` tokens and the last ``recent_size`` tokens before it, with positions assigned by slot
 in the cache. How that is achieved with HF's already-rotated keys:
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -42,6 +41,8 @@ try:  # transformers >= 5: the layered Cache API
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
     raise ImportError("inference.hf_cache needs transformers >= 5.0 (Cache / CacheLayerMixin API)") from exc
+
+from pretrain.model import rotary_tables, rotate_half
 
 # model_type values whose attention applies rotate-half RoPE to (a prefix of) each head's dims and
 # whose cache holds (B, H_kv, T, D) keys -- the families this cache is tested on or identical to.
@@ -70,16 +71,11 @@ class KeyShift:
         """keys (B, H, T, D) rotated at positions p -> the same keys at positions p + shift."""
         if shift == 0 or keys.shape[-2] == 0:
             return keys
-        inv_freq = self.rotary_module.inv_freq.to(device=keys.device, dtype=torch.float32)
-        angles = float(shift) * inv_freq  # (rotary_dim / 2,)
-        emb = torch.cat([angles, angles])  # (rotary_dim,)
-        cos, sin = emb.cos(), emb.sin()
+        positions = torch.tensor([shift], device=keys.device)
+        cos, sin = rotary_tables(self.rotary_module.inv_freq, positions, torch.float32)  # (1, rotary_dim)
         dim = self.rotary_dim
-        k_rot, k_pass = keys[..., :dim].float(), keys[..., dim:]
-        half = dim // 2
-        rotated_half = torch.cat([-k_rot[..., half:], k_rot[..., :half]], dim=-1)
-        shifted = (k_rot * cos + rotated_half * sin).to(keys.dtype)
-        return torch.cat([shifted, k_pass], dim=-1)
+        shifted = rotate_half(keys[..., :dim].float(), cos, sin).to(keys.dtype)
+        return torch.cat([shifted, keys[..., dim:]], dim=-1)
 
 
 def find_rotary_module(model: nn.Module) -> nn.Module:
@@ -90,20 +86,20 @@ def find_rotary_module(model: nn.Module) -> nn.Module:
         model_type = getattr(text_config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"SinkCache supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (rotate-half RoPE); "
+                f"HFSinkCache supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (rotate-half RoPE); "
                 f"this model is {model_type!r}"
             )
         rope = getattr(text_config, "rope_parameters", None) or {}
         rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
         if rope_type in _UNSUPPORTED_ROPE:
-            raise ValueError(f"SinkCache cannot shift keys under rope_type {rope_type!r} (frequencies change with length)")
+            raise ValueError(f"HFSinkCache cannot shift keys under rope_type {rope_type!r} (frequencies change with length)")
     for module in model.modules():
         if hasattr(module, "inv_freq") and "rotary" in type(module).__name__.lower():
             return module
     raise ValueError(f"no rotary embedding module (with an inv_freq buffer) found in {type(model).__name__}")
 
 
-class SinkCacheLayer(CacheLayerMixin):
+class HFSinkCacheLayer(CacheLayerMixin):
     """One layer's keys/values: the first ``start_size`` tokens and the last ``recent_size``.
 
     ``keys``/``values`` are (B, H_kv, L, D), sinks first, each key rotated at its absolute position
@@ -182,7 +178,7 @@ class SinkCacheLayer(CacheLayerMixin):
         self.seen = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SinkCache cannot be cropped (evicted tokens are gone); start a new cache")
+        raise NotImplementedError("HFSinkCache cannot be cropped (evicted tokens are gone); start a new cache")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -195,10 +191,10 @@ class SinkCacheLayer(CacheLayerMixin):
             self.values = self.values[indices, ...]
 
 
-class SinkCache(Cache):
+class HFSinkCache(Cache):
     """StreamingLLM cache (``start_size`` attention sinks + ``recent_size`` window) for a HF model.
 
-    >>> cache = SinkCache(model, start_size=4, recent_size=1020)
+    >>> cache = HFSinkCache(model, start_size=4, recent_size=1020)
     >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=2000)
 
     A fresh cache per stream; for prompts longer than the cache use :func:`stream_prefill` first.
@@ -212,7 +208,7 @@ class SinkCache(Cache):
         self.start_size, self.recent_size = start_size, recent_size
         self._warned = not warn_dense_chunks
         layers = [
-            SinkCacheLayer(start_size, recent_size, key_shift, on_dense_chunk=self._warn_dense)
+            HFSinkCacheLayer(start_size, recent_size, key_shift, on_dense_chunk=self._warn_dense)
             for _ in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
@@ -221,14 +217,14 @@ class SinkCache(Cache):
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"SinkCache: a forward of {length} tokens after {seen} overruns the cache "
+                f"HFSinkCache: a forward of {length} tokens after {seen} overruns the cache "
                 f"({self.start_size}+{self.recent_size}); it is processed densely, then trimmed (not the "
                 "per-token streaming protocol). Use inference.hf_cache.stream_prefill for long prompts.",
                 stacklevel=3,
             )
 
     def __repr__(self) -> str:
-        return f"SinkCache(start_size={self.start_size}, recent_size={self.recent_size}, seen={self.get_seq_length()})"
+        return f"HFSinkCache(start_size={self.start_size}, recent_size={self.recent_size}, seen={self.get_seq_length()})"
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -243,7 +239,7 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache: Cache, key: str) -> tor
 
 
 @torch.inference_mode()
-def stream_prefill(model: nn.Module, input_ids: torch.Tensor, cache: SinkCache, progress: bool = False) -> torch.Tensor:
+def stream_prefill(model: nn.Module, input_ids: torch.Tensor, cache: HFSinkCache, progress: bool = False) -> torch.Tensor:
     """Feed ``input_ids`` (B, T) into ``cache`` exactly as the streaming protocol would.
 
     The longest prefix that fits the cache goes in one forward, the rest one token per forward.
@@ -267,7 +263,7 @@ def hf_streaming_nll(
     recent_size: int,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Per-token NLL (N - 1,) of a HF causal LM streamed through :class:`SinkCache`.
+    """Per-token NLL (N - 1,) of a HF causal LM streamed through :class:`HFSinkCache`.
 
     Same contract as ``inference.perplexity.streaming_nll``: element i scores token i + 1 after
     feeding tokens 0..i. Exact per-token protocol (:func:`stream_prefill`), so O(N) forwards.
@@ -275,7 +271,7 @@ def hf_streaming_nll(
     if ids.dim() != 1:
         raise ValueError(f"ids must be 1-D (one stream), got shape {tuple(ids.shape)}")
     device = next(model.parameters()).device
-    cache = SinkCache(model, start_size, recent_size)
+    cache = HFSinkCache(model, start_size, recent_size)
     logits = stream_prefill(model, ids[None, :-1].to(device), cache, progress=progress)[0]
     return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(device), reduction="none").cpu()
 
@@ -290,30 +286,7 @@ def hf_dense_nll(model: nn.Module, ids: torch.Tensor, max_len: int | None = None
     return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(device), reduction="none").cpu()
 
 
-def is_hf_llama_family(config: Any) -> bool:
-    """True for a HF config this module streams natively but ``pretrain.convert`` cannot convert."""
-    return getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and config.model_type != "gpt_neox"
-
-
-@torch.inference_mode()
-def hf_recompute_nll(
-    model: nn.Module, ids: torch.Tensor, window: int, batch_size: int = 8, progress: bool = False
-) -> torch.Tensor:
-    """Sliding window with re-computation for a HF causal LM: NLL (N - 1,), token i + 1 predicted by a
-    fresh forward over the ``window`` tokens ending at i (fewer at the start)."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    n = ids.numel()
-    out = torch.empty(n - 1, dtype=torch.float32)
-    # targets 1 .. window: one causal pass over the first window tokens scores them all
-    head = min(window, n - 1)
-    logits = model(input_ids=ids[None, :head], use_cache=False).logits[0]
-    out[:head] = torch.nn.functional.cross_entropy(logits.float(), ids[1 : head + 1], reduction="none").cpu()
-    targets = torch.arange(window + 1, max(n, window + 1))  # empty when the text fits one window
-    for chunk in tqdm(targets.split(batch_size) if targets.numel() else (), desc=f"recompute {window}", disable=not progress):
-        rows = torch.stack([ids[i - window : i] for i in chunk.tolist()])  # (b, window)
-        last = model(input_ids=rows, use_cache=False).logits[:, -1]
-        out[chunk - 1] = torch.nn.functional.cross_entropy(last.float(), ids[chunk.to(device)], reduction="none").cpu()
-    return out
+def streams_natively(model_type: str | None) -> bool:
+    """True for a HF ``model_type`` this module streams but our GPT-NeoX cannot load (the Llama family);
+    stock GPT-NeoX / Pythia converts to our model and takes the exact chunked path instead."""
+    return model_type in SUPPORTED_MODEL_TYPES and model_type != "gpt_neox"

@@ -1,4 +1,5 @@
-"""Streaming perplexity (``sinklm stream-ppl``): the paper's protocol, exactly, plus its baselines.
+"""Streaming perplexity: the paper's protocol, exactly, plus its baselines (``sinklm stream-ppl``
+is the command over these, in :mod:`inference.stream_ppl`).
 
 Every function takes the *text* token ids (N,) and returns per-token NLL (N - 1,) in float32 on the
 CPU: entry t is the NLL of token t + 1 after the model has been fed tokens 0 .. t. A sink-token
@@ -12,43 +13,27 @@ scores the same tokens.
 - :func:`dense_nll`: dense attention over the whole stream (optionally its first ``max_len`` tokens).
 - window attention is ``streaming_nll(start_size=0, recent_size=W)``.
 - :func:`recompute_nll`: sliding window with re-computation (the paper's oracle baseline): each
-  token scored by running the model from scratch on the W tokens before it.
+  token scored by running the model from scratch on the W tokens before it. The windowing itself
+  is :func:`sliding_window_nll`, shared with stock Hugging Face models (:mod:`inference.backends`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from inference.cache import SinkCache
-from inference.hf_cache import hf_streaming_nll
-from inference.stream import (
-    DTYPES,
-    StreamError,
-    add_cache_args,
-    add_model_args,
-    add_text_args,
-    cache_sizes_from_args,
-    check_start_size,
-    fail,
-    final_hidden,
-    load_streaming_model,
-    read_stream_tokens,
-    stream_prefix,
-)
+from inference.stream import StreamError, check_start_size, stream_prefix
+
+# (rows (B, T), first, targets (B, T - first)) -> NLL (B * (T - first),) of the targets, predicted
+# from positions first .. T - 1 of each row by one fresh (cache-less) forward over the rows
+PositionNLL = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 MODES = ("fast", "reference")
-BASELINES = ("dense", "window", "recompute")
+CHUNK_SIZE = 1024  # tokens per forward in the fast mode (any size gives the same numbers)
 
 
 def _with_prefix(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -86,7 +71,7 @@ def streaming_nll(
     start_size: int,
     recent_size: int | None,
     mode: str = "fast",
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     progress: bool = True,
 ) -> torch.Tensor:
     """Per-token NLL (N - 1,) of the text ``ids`` (N,) streamed through a ``start_size + recent_size`` cache.
@@ -110,7 +95,7 @@ def streaming_nll(
     # stream position p predicts p + 1; text target index i sits at p = k + i - 1, scored for i >= 1
     for start in range(0, total - 1, step):
         end = min(start + step, total - 1)  # the last token is never fed: nothing left to predict
-        hidden = final_hidden(model, stream[None, start:end], cache)[0]  # (T, C)
+        hidden = model.hidden_states(stream[None, start:end], cache=cache)[0]  # (T, C)
         first = max(start, k)  # positions before k predict sinks (or x_0 from sinks only): not scored
         if first < end:
             out[first - k : end - k] = _nll(model, hidden[first - start :], stream[first + 1 : end + 1]).cpu()
@@ -121,7 +106,7 @@ def streaming_nll(
 
 @torch.no_grad()
 def dense_nll(
-    model: torch.nn.Module, ids: torch.Tensor, max_len: int | None = None, chunk_size: int = 1024, progress: bool = False
+    model: torch.nn.Module, ids: torch.Tensor, max_len: int | None = None, chunk_size: int = CHUNK_SIZE, progress: bool = False
 ) -> torch.Tensor:
     """Dense attention over the first ``max_len`` text tokens (all when None): NLL (min(N, max_len) - 1,)."""
     if max_len is not None:
@@ -142,25 +127,49 @@ def recompute_nll(
     the model always sees the start it was trained with.
     """
     stream, k = _with_prefix(model, ids)
+    return sliding_window_nll(stream, k, window, trunk_position_nll(model), batch_size, progress)
+
+
+def trunk_position_nll(model: torch.nn.Module) -> PositionNLL:
+    """:data:`PositionNLL` of our GPT-NeoX: the trunk over the rows, the vocabulary head only where scored."""
+
+    def score(rows: torch.Tensor, first: int, targets: torch.Tensor) -> torch.Tensor:
+        hidden = model.hidden_states(rows)[:, first:]
+        return _nll(model, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+
+    return score
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    stream: torch.Tensor, k: int, window: int, position_nll: PositionNLL, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """The re-computation baseline over ``stream`` (k + N,): k fixed prefix ids (a sink-token model's
+    sinks; none for other models), then the text. NLL (N - 1,) of text tokens 1 .. N - 1.
+
+    Text token i is predicted from the prefix + the latest ``window - k`` text tokens before it (all
+    of them while fewer), by a fresh forward: the first ``window - k`` targets from one causal pass,
+    the rest in batches of ``batch_size`` windows of exactly ``window`` tokens.
+    """
     text = window - k
     if text < 1:
+        if not k:
+            raise StreamError(f"window must be >= 1, got {window}")
         raise StreamError(f"window {window} leaves no room for text after the model's {k} sink token(s)")
-    n = ids.numel()
+    n = stream.numel() - k
     out = torch.empty(n - 1, dtype=torch.float32)
     # Targets i = 1 .. text: the context is the whole prefix so far; one causal pass scores them all.
     head = min(text, n - 1)
-    hidden = final_hidden(model, stream[None, : k + head])[0, k:]  # positions k .. k + head - 1
-    out[:head] = _nll(model, hidden, stream[k + 1 : k + head + 1]).cpu()
-    # Targets i > text: context = sinks + ids[i - text : i], exactly ``window`` tokens, batched.
+    out[:head] = position_nll(stream[None, : k + head], k, stream[None, k + 1 : k + head + 1]).cpu()
+    # Targets i > text: context = prefix + ids[i - text : i], exactly ``window`` tokens, batched.
     targets = torch.arange(text + 1, max(n, text + 1))  # empty when the text fits one window
     prefix = stream[:k]
-    bar = tqdm(total=targets.numel(), desc=f"stream-ppl recompute {window}", unit="tok", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=targets.numel(), desc=f"recompute {window}", unit="tok", disable=not progress, mininterval=1.0)
     for chunk in targets.split(batch_size) if targets.numel() else ():
         rows = torch.stack([stream[k + i - text : k + i] for i in chunk.tolist()])  # (b, text)
         if k:
             rows = torch.cat([prefix.expand(rows.shape[0], k), rows], dim=1)
-        last = final_hidden(model, rows)[:, -1]  # (b, C)
-        out[chunk - 1] = _nll(model, last, stream[k + chunk.to(stream.device)]).cpu()
+        out[chunk - 1] = position_nll(rows, window - 1, stream[k + chunk.to(stream.device)][:, None]).cpu()
         bar.update(chunk.numel())
     bar.close()
     return out
@@ -169,132 +178,3 @@ def recompute_nll(
 def perplexity(nll: torch.Tensor) -> float:
     """exp(mean NLL), accumulated in float64."""
     return math.exp(nll.double().mean().item())
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sinklm stream-ppl",
-        description="Perplexity of a checkpoint on a long token stream under a StreamingLLM sink + window cache "
-        "(the paper's token-by-token protocol, or the exact chunked fast mode), with baselines.",
-    )
-    add_model_args(parser)
-    add_cache_args(parser)
-    add_text_args(parser)
-    parser.add_argument("--mode", choices=MODES, default="fast", help="fast (chunked, exact) or reference (token by token)")
-    parser.add_argument(
-        "--chunk-size", type=int, default=1024,
-        help="tokens per chunk in fast mode (any size gives the same numbers; larger suits a GPU)",
-    )
-    parser.add_argument(
-        "--baselines",
-        default="",
-        help=f"comma list of {', '.join(BASELINES)}: dense attention, window attention (0 + cache size), "
-        "sliding window with re-computation (window = cache size)",
-    )
-    parser.add_argument("--dense-max-len", type=int, default=4096, help="dense baseline: first N text tokens only")
-    parser.add_argument("--recompute-max-tokens", type=int, default=4096, help="recompute baseline: first N text tokens only")
-    parser.add_argument("--recompute-batch", type=int, default=8, help="windows per forward pass in the recompute baseline")
-    parser.add_argument("--output-dir", default=None, help="write <method>.nll.npy (float32 per-token NLL) and summary.json here")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def _parse_baselines(text: str) -> list[str]:
-    names = [b.strip() for b in text.split(",") if b.strip()]
-    for name in names:
-        if name not in BASELINES:
-            raise StreamError(f"unknown baseline {name!r} in --baselines; expected any of {', '.join(BASELINES)}")
-    return names
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    prog = parser.prog
-    try:
-        start, recent = cache_sizes_from_args(args)
-        baselines = _parse_baselines(args.baselines)
-        if args.chunk_size < 1:
-            raise StreamError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-        from inference.compare import load_entry, uses_hf_route  # lazy: compare imports this module
-
-        if uses_hf_route(args.checkpoint):
-            # a Llama-family HF model: streamed token by token through inference.hf_cache.SinkCache
-            entry = load_entry("model", args.checkpoint, DTYPES[args.dtype], args.device, args.tokenizer)
-            ids, text_name = entry.tokenize(args)
-            variant = entry.description
-        else:
-            entry = None
-            model, config, tokenizer = load_streaming_model(args)
-            ids, text_name = read_stream_tokens(args, tokenizer)
-            variant = f"{config.variant} ({config.attention}, {config.sink_tokens} sink tokens)"
-    except (StreamError, ValueError, FileNotFoundError, OSError) as err:
-        return fail(prog, err)
-
-    progress = not args.no_progress
-    cache_size = start + recent
-    print(
-        f"{args.checkpoint}: {variant}, {text_name}: {ids.numel():,} tokens, cache {start}+{recent}, "
-        f"{'per-token (HF SinkCache)' if entry is not None else args.mode} mode",
-        file=sys.stderr,
-    )
-
-    def stream_nll(s: int, r: int, mode: str) -> torch.Tensor:
-        if entry is not None:
-            return hf_streaming_nll(entry.model, ids, s, r, progress=progress)
-        return streaming_nll(model, ids, s, r, mode, args.chunk_size, progress)
-
-    def window_nll() -> torch.Tensor:
-        with warnings.catch_warnings():  # evicting a sink-token model's sinks is this baseline's point
-            warnings.filterwarnings("ignore", message=r".*sink token\(s\).*")
-            return stream_nll(0, cache_size, "fast")
-
-    dense_len = min(ids.numel(), args.dense_max_len)
-    recompute_len = min(ids.numel(), args.recompute_max_tokens)
-    runs: list[tuple[str, dict, Callable[[], torch.Tensor]]] = [
-        (f"stream_{start}+{recent}", {"start_size": start, "recent_size": recent, "mode": args.mode if entry is None else "hf-per-token"},
-         lambda: stream_nll(start, recent, args.mode)),
-    ]
-    if "dense" in baselines:
-        runs.append((f"dense_{dense_len}", {"max_len": dense_len},
-                     lambda: entry.dense(ids, dense_len, args.chunk_size, progress) if entry is not None
-                     else dense_nll(model, ids, dense_len, args.chunk_size, progress)))
-    if "window" in baselines:
-        runs.append((f"window_0+{cache_size}", {"start_size": 0, "recent_size": cache_size}, window_nll))
-    if "recompute" in baselines:
-        runs.append((f"recompute_{cache_size}", {"window": cache_size, "max_tokens": recompute_len},
-                     lambda: entry.recompute(ids[:recompute_len], cache_size, args.recompute_batch, progress) if entry is not None
-                     else recompute_nll(model, ids[:recompute_len], cache_size, args.recompute_batch, progress)))
-
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name, details, run in runs:
-        began = time.perf_counter()
-        nll = run()
-        seconds = time.perf_counter() - began
-        row = {"method": name, **details, "tokens_scored": nll.numel(), "mean_nll": nll.double().mean().item(),
-               "ppl": perplexity(nll), "seconds": round(seconds, 3)}
-        if out_dir is not None:
-            np.save(out_dir / f"{name}.nll.npy", nll.numpy())
-            row["nll_file"] = str(out_dir / f"{name}.nll.npy")
-        results.append(row)
-
-    width = max(len(r["method"]) for r in results)
-    print(f"{'method'.ljust(width)}  {'tokens':>10}  {'ppl':>12}  {'seconds':>9}")
-    for r in results:
-        print(f"{r['method'].ljust(width)}  {r['tokens_scored']:>10,}  {r['ppl']:>12.4f}  {r['seconds']:>9.2f}")
-    if out_dir is not None:
-        summary = {"checkpoint": args.checkpoint, "variant": variant, "text": text_name,
-                   "text_tokens": ids.numel(), "dtype": args.dtype, "results": results}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {out_dir / 'summary.json'}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from pretrain.model import GPTNeoX
+
 GU_THRESHOLD = 0.3
 GU_INPUT_LENGTH = 64
 MAP_INPUT_LENGTH = 16
@@ -87,8 +89,6 @@ def with_sinks(windows: torch.Tensor, sink_ids: tuple[int, ...] | list[int]) -> 
 @torch.inference_mode()
 def layer_attentions(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Attention weights per layer, each (B, H, T, T), for our GPTNeoX or a HF causal LM."""
-    from pretrain.model import GPTNeoX
-
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     if isinstance(model, GPTNeoX):

@@ -1,9 +1,6 @@
-"""Feeding a token stream through a model and its :class:`~inference.cache.SinkCache`.
-
-Token by token (the paper's protocol) and in chunks are the same computation here: the cache masks
-each chunk so that every token sees exactly its sinks and its recent window. This module also holds
-what the streaming tools share: the stream prefix of sink-token models, checking start_size against
-them, cache-size options, loading a checkpoint and reading the evaluation text.
+"""What the streaming tools share: the stream prefix of sink-token models, checking start_size
+against them, the cache-size and model options, and reading the evaluation text
+(:class:`TextSettings`, :func:`read_stream_tokens`).
 """
 
 from __future__ import annotations
@@ -12,14 +9,17 @@ import argparse
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inference.cache import SinkCache
+from data.corpora import STREAM_TEST_BOOK, stream_test_text
+from data.settings import add_settings_args
+from data.sources import FilesSource, HFDatasetSource
+from pretrain.checkpoints import DTYPES
 from pretrain.config import ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StreamError(ValueError):
@@ -52,6 +52,15 @@ def check_start_size(config: ModelConfig, start_size: int) -> None:
         )
 
 
+@contextmanager
+def sink_warnings_ignored() -> Iterator[None]:
+    """Silence :func:`check_start_size`'s warning where a start size other than the model's sink count
+    is the point (compare's columns, the window baseline)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*sink token\(s\).*")
+        yield
+
+
 def resolve_cache_sizes(start_size: int, recent_size: int | None, cache_size: int | None) -> tuple[int, int]:
     """(start, recent) from ``--start-size`` with ``--recent-size`` or ``--cache-size`` (= start + recent)."""
     if start_size < 0:
@@ -70,29 +79,6 @@ def resolve_cache_sizes(start_size: int, recent_size: int | None, cache_size: in
     if recent_size < 1:
         raise StreamError(f"--recent-size must be >= 1, got {recent_size}")
     return start_size, recent_size
-
-
-@torch.no_grad()
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, cache: SinkCache | None = None) -> torch.Tensor:
-    """The trunk only: hidden states after the final LayerNorm, (B, T, C).
-
-    Lets callers apply the (large) vocabulary head to just the positions they need.
-    """
-    x = model.embed(input_ids)
-    for block in model.blocks:
-        x, _ = block(x, None, cache)
-    return model.ln_f(x)
-
-
-@torch.no_grad()
-def feed(
-    model: torch.nn.Module, cache: SinkCache, ids: torch.Tensor, chunk_size: int = 1
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Feed ids (B, N) through ``cache`` ``chunk_size`` tokens at a time; yield (offset, logits (B, T, V))."""
-    if chunk_size < 1:
-        raise StreamError(f"chunk_size must be >= 1, got {chunk_size}")
-    for start in range(0, ids.shape[1], chunk_size):
-        yield start, model(ids[:, start : start + chunk_size], cache=cache).logits
 
 
 # -- command-line glue shared by stream-ppl, generate and chat --------------------------------------
@@ -120,44 +106,32 @@ def cache_sizes_from_args(args: argparse.Namespace) -> tuple[int, int]:
     return resolve_cache_sizes(args.start_size, recent, args.cache_size)
 
 
-def load_streaming_model(args: argparse.Namespace):
-    """Load ``args.checkpoint`` with ``pretrain.convert.load_model`` and a tokenizer for it.
+@dataclass
+class TextSettings:
+    """The text a streaming evaluation reads (stream-ppl and compare share these options)."""
 
-    Returns (model, config, tokenizer); a missing or malformed checkpoint raises a ValueError
-    naming it.
-    """
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise StreamError(f"--device {args.device!r}: {err}") from None
-    from pretrain.convert import load_model  # lazy: pulls in safetensors / transformers
-
-    # convert raises ConvertError (a ValueError) naming the path for missing or malformed checkpoints
-    loaded = load_model(args.checkpoint, tag=args.tag, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
-    model = loaded.model.to(device).eval()
-    config = loaded.config
-    tokenizer = loaded.tokenizer
-    if tokenizer is None:  # e.g. an initial checkpoint: the bundled tokenizer with the model's sinks
-        from data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(None, num_sink_tokens=config.sink_tokens, padded_vocab_size=config.padded_vocab_size)
-    return model, config, tokenizer
+    text: str | None = None
+    """a .txt/.jsonl/.json/.parquet file (or folder) to stream"""
+    dataset: str | None = None
+    """a Hugging Face dataset: hub name or save_to_disk folder"""
+    dataset_config: str | None = None
+    """the dataset's configuration name"""
+    split: str = "test"
+    """the dataset split"""
+    text_field: str = "text"
+    """the field holding each document's text"""
+    max_tokens: int | None = None
+    """stream at most this many text tokens"""
 
 
 def add_text_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("text (default: the bundled stream-test book, Moby Dick)")
-    group.add_argument("--text", default=None, help="a .txt/.jsonl/.json/.parquet file (or folder) to stream")
-    group.add_argument("--dataset", default=None, help="a Hugging Face dataset: hub name or save_to_disk folder")
-    group.add_argument("--dataset-config", default=None)
-    group.add_argument("--split", default="test")
-    group.add_argument("--text-field", default="text")
-    group.add_argument("--max-tokens", type=int, default=None, help="stream at most this many text tokens")
+    add_settings_args(group, TextSettings)
 
 
-def read_stream_tokens(args: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, str]:
-    """Tokenize the chosen text into one stream (documents joined by the tokenizer's eos); (ids (N,), name)."""
-    from data.sources import FilesSource, HFDatasetSource
-
+def read_stream_tokens(args: TextSettings | argparse.Namespace, tokenizer) -> tuple[torch.Tensor, str]:
+    """Tokenize the chosen text (a :class:`TextSettings`, or parsed args with its fields) into one
+    stream (documents joined by the tokenizer's eos); (ids (N,), name)."""
     if args.text and args.dataset:
         raise StreamError("give --text or --dataset, not both")
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -169,8 +143,6 @@ def read_stream_tokens(args: argparse.Namespace, tokenizer) -> tuple[torch.Tenso
         source = HFDatasetSource(args.dataset, args.dataset_config, args.split, args.text_field, streaming=True)
         documents, name = source.documents(), f"{args.dataset}:{args.split}"
     else:
-        from data.corpora import STREAM_TEST_BOOK, stream_test_text
-
         documents, name = iter([stream_test_text()]), f"bundled:{STREAM_TEST_BOOK}"
     eos = tokenizer.eos_token_id
     ids: list[int] = []

@@ -6,13 +6,15 @@ LAMBADA, OpenBookQA, PIQA and Winogrande, zero-shot, with lm-eval's standard pro
 - Offline (default): the six bundled validation splits (``data/zeroshot``), through the task
   configs in ``inference/lm_eval_tasks`` (lm-eval's own prompts/metrics, local data). LAMBADA is not
   bundled. Online (``--online``): lm-eval's standard tasks, downloading data, LAMBADA included.
-- Models: HF folders (our exports, stock GPT-NeoX/Pythia, any causal LM) or hub names, our
-  DeepSpeed run folders and initial checkpoints (rebuilt in memory as HF models). A sink-token
-  model gets its sink ids in front of every context (:class:`inference.sink_hflm.SinkTokenHFLM`);
-  softmax1 / sink_logit models run through their exported modelling code. A model whose variant
-  cannot be run faithfully is refused.
+- Models: any checkpoint :mod:`pretrain.checkpoints` resolves: HF folders (our exports, stock
+  GPT-NeoX/Pythia, any causal LM) or hub names, our DeepSpeed run folders and initial checkpoints
+  (rebuilt in memory as HF models). A sink-token model gets its sink ids in front of every context
+  (:class:`inference.sink_hflm.SinkTokenHFLM`); softmax1 / sink_logit models run through their
+  exported modelling code. A model whose variant cannot be run faithfully is refused.
 - Output: ``table.md`` / ``table.csv`` (rows models, columns tasks; acc and acc_norm where lm-eval
   reports it) and ``raw/<model>.json`` (lm-eval's results, plus a ``sinklm`` record of what ran).
+
+API: :func:`run_zeroshot` with :class:`ZeroShotSettings` (the CLI's flags are derived from it).
 """
 
 from __future__ import annotations
@@ -20,96 +22,80 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-ATTENTION_KINDS = ("softmax", "softmax1", "sink_logit")
+import torch
 
-
-class ZeroShotError(ValueError):
-    """Bad input to the zero-shot tool (unknown task, missing data, not a model, unsupported variant)."""
-
-
-# ----------------------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class ZeroShotTask:
-    key: str  # what users type: arc_easy
-    column: str  # the paper's column header
-    online: str  # lm-eval's standard task
-    local: str | None  # our bundled task (inference/lm_eval_tasks), None when not bundled
-    archive: str | None  # data/zeroshot/<archive>.tar.gz
-
-
-# In the paper's column order (Table 4).
-TASKS: tuple[ZeroShotTask, ...] = (
-    ZeroShotTask("arc_challenge", "ARC-c", "arc_challenge", "sinklm_arc_challenge", "arc_challenge"),
-    ZeroShotTask("arc_easy", "ARC-e", "arc_easy", "sinklm_arc_easy", "arc_easy"),
-    ZeroShotTask("hellaswag", "HellaSwag", "hellaswag", "sinklm_hellaswag", "hellaswag"),
-    ZeroShotTask("lambada", "LAMBADA", "lambada_openai", None, None),
-    ZeroShotTask("openbookqa", "OpenBookQA", "openbookqa", "sinklm_openbookqa", "openbookqa"),
-    ZeroShotTask("piqa", "PIQA", "piqa", "sinklm_piqa", "piqa"),
-    ZeroShotTask("winogrande", "Winogrande", "winogrande", "sinklm_winogrande", "winogrande"),
+from data.settings import add_settings_args, settings_from_args
+from inference.zeroshot_tasks import (
+    METRICS,
+    TASKS,
+    ZeroShotError,
+    ZeroShotTask,
+    check_bundled_data,
+    lm_eval_name,
+    quiet_custom_dataset_notes,
+    scores_from_results,
+    select_tasks,
+    task_manager,
 )
+from pretrain.checkpoints import DTYPES, CheckpointError, describe, dtype_name, load_model, parse_dtype, to_hf_model
+
+__all__ = ["TASKS", "ModelResult", "ModelSource", "ZeroShotError", "ZeroShotSettings", "ZeroShotTask", "build_lm",
+           "main", "markdown_table", "resolve_model", "run_zeroshot", "select_tasks", "write_outputs"]  # fmt: skip
+
+# ---------------------------------------------------------------------------------------- settings
+
+DtypeChoice = Literal[("auto", *DTYPES)]  # type: ignore[valid-type]
 
 
-def select_tasks(names: list[str] | None, online: bool) -> list[ZeroShotTask]:
-    """Tasks by key (``arc_easy``) or by lm-eval name (``lambada_openai``, ``sinklm_piqa``); all by default."""
-    if not names:
-        return [t for t in TASKS if online or t.local]
-    by_name = {}
-    for task in TASKS:
-        for alias in (task.key, task.online, task.local):
-            if alias:
-                by_name[alias] = task
-    chosen: list[ZeroShotTask] = []
-    for name in names:
-        task = by_name.get(name.strip())
-        if task is None:
-            known = ", ".join(t.key for t in TASKS)
-            raise ZeroShotError(f"unknown task {name!r}; known tasks: {known}")
-        if not online and task.local is None:
-            raise ZeroShotError(
-                f"task {name!r} ({task.online}) is not bundled for offline use; run with --online to use "
-                f"lm-eval's standard task (downloads its data)"
-            )
-        if task not in chosen:
-            chosen.append(task)
-    return chosen
+@dataclass
+class ZeroShotSettings:
+    """Everything ``sinklm zeroshot`` takes besides the models and the output folder."""
 
+    tasks: list[str] = field(default_factory=list)
+    """arc_challenge, arc_easy, hellaswag, lambada, openbookqa, piqa, winogrande or lm-eval task names
+    (comma-separated on the command line); empty = all available."""
+    limit: float | int | None = None
+    """Only the first N documents per task (quick runs); a fraction < 1 is that share of each task."""
+    online: bool = False
+    """lm-eval's standard tasks, downloading their data."""
+    data_dir: str | None = None
+    """Folder with the bundled <task>.tar.gz (default: data/zeroshot)."""
+    device: str | None = None
+    """cuda, cuda:1, cpu (default: cuda if available)."""
+    batch_size: int | str | None = None
+    """Int or 'auto' (default: auto on GPU, 8 on CPU)."""
+    dtype: DtypeChoice = "auto"
+    """Weights' dtype (auto: as stored in the checkpoint)."""
+    tokenizer: str | None = None
+    """Tokenizer folder/file/hub name (default: the model's)."""
+    trust_remote_code: bool = False
+    """Allow a softmax1/sink_logit export's bundled modelling code to run (needed for those variants)."""
 
-def lm_eval_name(task: ZeroShotTask, online: bool) -> str:
-    return task.online if online else task.local  # type: ignore[return-value]
-
-
-def check_bundled_data(tasks: list[ZeroShotTask], data_dir: str | Path | None) -> None:
-    """Fail before loading any model when a bundled archive is missing."""
-    from inference.lm_eval_tasks.bundled_data import archive_path
-
-    missing = [str(archive_path(t.archive, data_dir)) for t in tasks if t.archive]
-    missing = [path for path in missing if not Path(path).is_file()]
-    if missing:
-        raise ZeroShotError(
-            "bundled zero-shot data missing: " + ", ".join(missing) + " (expected <task>.tar.gz files as in "
-            "data/zeroshot/README.md; or run with --online)"
-        )
-
-
-def task_manager(online: bool, data_dir: str | Path | None):
-    """lm-eval's TaskManager: our bundled tasks only (offline; fast to index) or lm-eval's own."""
-    from lm_eval.tasks import TaskManager
-
-    from inference.lm_eval_tasks import TASKS_DIR
-
-    if online:
-        return TaskManager()
-    metadata = {"data_dir": str(Path(data_dir).expanduser().resolve())} if data_dir else None
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            if self.limit <= 0:
+                raise ZeroShotError(f"--limit must be positive, got {self.limit}")
+            if self.limit >= 1:  # lm-eval: a fraction < 1 means that share of each task
+                self.limit = int(self.limit)
+        if isinstance(self.batch_size, str) and not self.batch_size.startswith("auto"):
+            try:
+                self.batch_size = int(self.batch_size)
+            except ValueError:
+                raise ZeroShotError(f"--batch-size must be an int or 'auto', got {self.batch_size!r}") from None
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
+            raise ZeroShotError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.dtype != "auto":
+            try:
+                self.dtype = dtype_name(self.dtype)  # the name HF understands: float32, bfloat16, float16
+            except CheckpointError as err:
+                raise ZeroShotError(f"--dtype: {err}") from None
+        select_tasks(self.tasks, self.online)  # unknown / not-bundled tasks fail here, before anything runs
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -117,7 +103,7 @@ def task_manager(online: bool, data_dir: str | Path | None):
 
 @dataclass
 class ModelSource:
-    """What a model spec on the command line resolved to."""
+    """What a model spec resolved to (recorded in ``raw/<model>.json``)."""
 
     name: str
     location: str  # a folder or a hub name
@@ -128,6 +114,9 @@ class ModelSource:
     remote_code: bool = False  # the attention lives in the export's bundled modelling code
 
 
+_KIND_OF_FORMAT = {"hf": "hf", "deepspeed": "run", "init": "init"}
+
+
 def _split_name(spec: str) -> tuple[str | None, str]:
     """``NAME=PATH`` -> (NAME, PATH); a bare PATH -> (None, PATH)."""
     name, sep, location = spec.partition("=")
@@ -136,197 +125,23 @@ def _split_name(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def _looks_like_hub_name(spec: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not spec.startswith((".", "/", "~"))
-
-
-def variant_of_hf_config(
-    config: dict[str, Any], where: str, trust_remote_code: bool
-) -> tuple[str, list[int], str, bool]:
-    """(attention, sink ids, variant, needs remote code) from a ``config.json`` mapping, or refuse.
-
-    Our exports carry a ``sinklm`` field; a folder without one is an ordinary model (vanilla).
-    """
-    model_type = config.get("model_type")
-    sinklm = config.get("sinklm")
-    if sinklm is None:
-        if model_type == "sinklm_gpt_neox":
-            raise ZeroShotError(
-                f"{where}: model_type 'sinklm_gpt_neox' but no 'sinklm' field naming its attention kind and "
-                f"sink tokens; refusing to guess the variant"
-            )
-        return "softmax", [], "vanilla", False
-    if not isinstance(sinklm, dict):
-        raise ZeroShotError(f"{where}: field 'sinklm' must be a mapping, found {type(sinklm).__name__}")
-    attention = sinklm.get("attention", "softmax")
-    if attention not in ATTENTION_KINDS:
-        raise ZeroShotError(
-            f"{where}: sinklm.attention is {attention!r}; expected one of {', '.join(ATTENTION_KINDS)}"
-        )
-    ids = sinklm.get("sink_token_ids", [])
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ZeroShotError(f"{where}: sinklm.sink_token_ids must be a list of ints, found {ids!r}")
-    count = sinklm.get("sink_tokens", len(ids))
-    if count != len(ids):
-        raise ZeroShotError(
-            f"{where}: sinklm.sink_tokens is {count} but sinklm.sink_token_ids lists {len(ids)} id(s) {ids}"
-        )
-    vocab = config.get("vocab_size")
-    if isinstance(vocab, int) and any(not 0 <= i < vocab for i in ids):
-        raise ZeroShotError(f"{where}: sink token ids {ids} are outside vocab_size {vocab}")
-    remote_code = attention != "softmax"
-    if remote_code:
-        if model_type == "gpt_neox" or not config.get("auto_map"):
-            raise ZeroShotError(
-                f"{where}: sinklm.attention is {attention!r} but the folder would load as stock "
-                f"{model_type!r} (model_type / auto_map), which runs plain softmax attention; refusing to "
-                f"evaluate it as vanilla. Re-export it with `sinklm convert`."
-            )
-        if not trust_remote_code:
-            raise ZeroShotError(
-                f"{where}: a {attention} model runs through the modelling code bundled in its folder; "
-                f"rerun with --trust-remote-code to allow that code"
-            )
-    variant = sinklm.get("variant") or _variant_name(attention, len(ids))
-    return attention, list(ids), str(variant), remote_code
-
-
-def _variant_name(attention: str, sinks: int) -> str:
-    if sinks:
-        return ("" if attention == "softmax" else f"{attention}+") + f"sink{sinks}"
-    return "vanilla" if attention == "softmax" else attention
-
-
-_SINK_TOKEN = re.compile(r"^<\|sink(_\d+)?\|>$")
-
-
-def _check_tokenizer_sinks(folder: Path, sink_ids: list[int]) -> None:
-    """A folder whose tokenizer has sink tokens must declare exactly those ids as the model's sinks:
-    otherwise config.json and tokenizer disagree on what the model was trained with."""
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        return
+def resolve_model(spec: str, trust_remote_code: bool = False, name: str | None = None) -> ModelSource:
+    """``[NAME=]PATH_OR_HUB_NAME`` -> a :class:`ModelSource` (no weights read); clear errors for anything else."""
+    if name is None:
+        name, spec = _split_name(spec)
     try:
-        added = json.loads(file.read_text()).get("added_tokens") or []
-    except (OSError, json.JSONDecodeError) as err:
-        raise ZeroShotError(f"{file}: not readable JSON ({err})") from None
-    tokenizer_sinks = sorted(t["id"] for t in added if isinstance(t, dict) and _SINK_TOKEN.match(str(t.get("content"))))
-    if tokenizer_sinks and tokenizer_sinks != sorted(sink_ids):
-        raise ZeroShotError(
-            f"{folder}: the tokenizer has sink tokens at ids {tokenizer_sinks} but config.json declares sink "
-            f"token ids {sink_ids} (field sinklm.sink_token_ids); refusing to guess which the model was trained with"
-        )
-
-
-def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelSource:
-    """``[NAME=]PATH_OR_HUB_NAME`` -> a :class:`ModelSource`; clear errors for anything else."""
-    name, location = _split_name(spec)
-    path = Path(location).expanduser()
-    if path.is_dir():
-        default_name = path.resolve().name
-        if (path / "config.json").is_file():
-            try:
-                config = json.loads((path / "config.json").read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ZeroShotError(f"{path / 'config.json'}: not readable JSON ({err})") from None
-            if not isinstance(config, dict):
-                raise ZeroShotError(f"{path / 'config.json'}: expected a JSON object")
-            attention, ids, variant, remote = variant_of_hf_config(config, str(path / "config.json"), trust_remote_code)
-            _check_tokenizer_sinks(path, ids)
-            return ModelSource(name or default_name, str(path), "hf", attention, ids, variant, remote)
-        kind = _checkpoint_kind(path)
-        config = _our_model_config(path, kind)
-        return ModelSource(
-            name or default_name, str(path), kind, config.attention, config.sink_token_ids, config.variant, False
-        )
-    if path.exists():
-        raise ZeroShotError(f"{path}: is a file, not a model folder")
-    if not _looks_like_hub_name(location):
-        raise ZeroShotError(f"{location}: no such model folder")
-    from transformers import PretrainedConfig
-
-    try:
-        config, _ = PretrainedConfig.get_config_dict(location)
-    except OSError as err:
-        raise ZeroShotError(
-            f"{location}: not a local folder and its config.json could not be fetched from the hub ({err})"
-        ) from None
-    attention, ids, variant, remote = variant_of_hf_config(config, f"{location} config.json", trust_remote_code)
-    return ModelSource(name or location.split("/")[-1], location, "hf", attention, ids, variant, remote)
-
-
-def _checkpoint_kind(path: Path) -> str:
-    """``run`` (a DeepSpeed run folder, or one of its ``global_stepN`` folders) or ``init``."""
-    from pretrain.init_checkpoint import is_init_checkpoint
-
-    if is_init_checkpoint(path):
-        return "init"
-    if (path / "config.yaml").is_file() and ((path / "latest").is_file() or any(path.glob("global_step*"))):
-        return "run"
-    if path.name.startswith("global_step") and (path.parent / "config.yaml").is_file():
-        return "run"
-    raise ZeroShotError(
-        f"{path}: not a model folder; expected config.json (a Hugging Face model / sinklm export), "
-        f"config.yaml + latest (a sinklm training run, or one of its global_stepN folders) or model.yaml + "
-        f"model.safetensors (an initial checkpoint)"
+        info = describe(spec, trust_remote_code=trust_remote_code)
+    except CheckpointError as err:
+        raise ZeroShotError(str(err)) from None
+    return ModelSource(
+        name or info.name,
+        info.hub_name or str(info.path),
+        _KIND_OF_FORMAT[info.format],
+        info.attention,
+        list(info.sink_token_ids),
+        info.variant,
+        info.remote_code,
     )
-
-
-def _our_model_config(path: Path, kind: str):
-    """The ModelConfig of a run folder (config.yaml's ``model`` section) or of an init checkpoint."""
-    from pretrain.config import ConfigError, ModelConfig, load_yaml
-
-    if kind == "init":
-        file = path / "model.yaml"
-    else:
-        file = path / "config.yaml" if (path / "config.yaml").is_file() else path.parent / "config.yaml"
-    try:
-        data = load_yaml(file)
-        section = data if kind == "init" else data.get("model")
-        if not isinstance(section, dict):
-            raise ConfigError(f"no 'model' section (found keys {sorted(data)})")
-        return ModelConfig.from_dict(section)
-    except (ConfigError, OSError, ValueError) as err:
-        raise ZeroShotError(f"{file}: {err}") from None
-
-
-def _hf_model_from_ours(config, state: dict) -> Any:
-    """An in-memory HF model with our weights: stock GPT-NeoX for softmax attention, the bundled
-    export code (imported from the package, so no remote code is involved) for softmax1 / sink_logit."""
-    from pretrain.hf_keymap import load_into_hf_model, to_hf_config, to_hf_state_dict
-
-    hf_config = to_hf_config(config)
-    if config.attention == "softmax":
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_config))
-    else:
-        from pretrain.hf_export.configuration_sinklm import SinkLMGPTNeoXConfig
-        from pretrain.hf_export.modeling_sinklm import SinkLMGPTNeoXForCausalLM
-
-        fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
-        sinklm = {
-            "attention": config.attention,
-            "sink_tokens": config.sink_tokens,
-            "sink_token_ids": config.sink_token_ids,
-            "variant": config.variant,
-        }
-        model = SinkLMGPTNeoXForCausalLM(SinkLMGPTNeoXConfig(**fields, sinklm=sinklm))
-    load_into_hf_model(model, to_hf_state_dict(state))
-    return model.eval()
-
-
-def _load_ours(source: ModelSource, tokenizer: str | None):
-    """(ModelConfig, our state dict, tokenizer | None) of a run folder or initial checkpoint."""
-    try:
-        from pretrain.convert import load_model
-    except ImportError as err:
-        raise ZeroShotError(f"{source.location}: reading a sinklm checkpoint needs pretrain.convert ({err})") from None
-    try:
-        loaded = load_model(source.location, tokenizer=tokenizer)
-    except (OSError, ValueError, KeyError) as err:  # ConvertError / ConfigError are ValueErrors
-        raise ZeroShotError(f"{source.location}: {err}") from None
-    return loaded.config, loaded.model.state_dict(), loaded.tokenizer
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
@@ -341,10 +156,8 @@ def build_lm(
     tokenizer: str | None = None,
 ):
     """The lm-eval model object for ``source`` (a :class:`SinkTokenHFLM`; plain HFLM when no sinks)."""
-    import torch
-
     from data.tokenizer import load_tokenizer
-    from inference.sink_hflm import SinkTokenHFLM
+    from inference.sink_hflm import SinkTokenHFLM  # imports lm_eval: only when a model runs
 
     if source.kind == "hf":
         folder = Path(source.location)
@@ -359,14 +172,17 @@ def build_lm(
             dtype=dtype,
             trust_remote_code=source.remote_code,
         )
-    config, state, tok = _load_ours(source, tokenizer)
-    model = _hf_model_from_ours(config, state)
+    try:
+        loaded = load_model(source.location, tokenizer=tokenizer)
+    except CheckpointError as err:
+        raise ZeroShotError(str(err)) from None
+    model = to_hf_model(loaded.config, loaded.model.state_dict())
     if dtype not in (None, "auto"):
-        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model = model.to(parse_dtype(dtype))
     model = model.to(device)
-    if tok is None:  # an initial checkpoint names no tokenizer: the bundled one, as training uses by default
-        tok = load_tokenizer(num_sink_tokens=config.sink_tokens, padded_vocab_size=config.padded_vocab_size)
-    return SinkTokenHFLM(pretrained=model, sink_token_ids=source.sink_token_ids, tokenizer=tok, batch_size=batch_size)
+    return SinkTokenHFLM(
+        pretrained=model, sink_token_ids=source.sink_token_ids, tokenizer=loaded.tokenizer, batch_size=batch_size
+    )
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -379,66 +195,32 @@ class ModelResult:
     raw: dict[str, Any]
 
 
-METRICS = ("acc", "acc_norm")
-
-
-def scores_from_results(
-    results: dict[str, Any], tasks: list[ZeroShotTask], online: bool
-) -> dict[str, dict[str, float]]:
-    """lm-eval's ``results`` -> {task key: {metric: value, metric_stderr: value}} (filter ``none``)."""
-    out: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        row = results["results"].get(lm_eval_name(task, online), {})
-        scores = {}
-        for metric in METRICS:
-            for suffix in ("", "_stderr"):
-                value = row.get(f"{metric}{suffix},none")
-                if isinstance(value, (int, float)):
-                    scores[metric + suffix] = float(value)
-        out[task.key] = scores
-    return out
-
-
-class _QuietCustomDatasetNote(logging.Filter):
-    """lm-eval logs a note on how to pass metadata for every task with a custom dataset loader."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
-
-
-_QUIET_NOTE = _QuietCustomDatasetNote()
-
-
-def evaluate(
-    models: list[str],
-    tasks: list[str] | None = None,
-    online: bool = False,
-    limit: int | float | None = None,
-    device: str | None = None,
-    batch_size: int | str | None = None,
-    dtype: str = "auto",
-    tokenizer: str | None = None,
-    trust_remote_code: bool = False,
-    data_dir: str | Path | None = None,
-) -> list[ModelResult]:
-    """Evaluate each model on the tasks; every model is resolved (and refused if need be) before any runs."""
-    import torch
-
-    chosen = select_tasks(tasks, online)
-    if not online:
-        check_bundled_data(chosen, data_dir)
-    sources = [resolve_model(spec, trust_remote_code) for spec in models]
+def _resolve_all(models: dict[str, str] | list[str], trust_remote_code: bool) -> list[ModelSource]:
+    if isinstance(models, dict):
+        sources = [resolve_model(path, trust_remote_code, name=name) for name, path in models.items()]
+    else:
+        sources = [resolve_model(spec, trust_remote_code) for spec in models]
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ZeroShotError(f"several models are named {duplicates}; name them with NAME=PATH")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batch_size = batch_size or ("auto" if device.startswith("cuda") else 8)
+    return sources
+
+
+def evaluate(models: dict[str, str] | list[str], settings: ZeroShotSettings) -> list[ModelResult]:
+    """Evaluate each model on the tasks; every model is resolved (and refused if need be) before any runs."""
+    online, limit = settings.online, settings.limit
+    chosen = select_tasks(settings.tasks, online)
+    if not online:
+        check_bundled_data(chosen, settings.data_dir)
+    sources = _resolve_all(models, settings.trust_remote_code)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = settings.batch_size or ("auto" if device.startswith("cuda") else 8)
 
     import lm_eval
 
-    logging.getLogger("lm_eval.api.task").addFilter(_QUIET_NOTE)  # adding the same filter twice is a no-op
-    manager = task_manager(online, data_dir)
+    quiet_custom_dataset_notes()
+    manager = task_manager(online, settings.data_dir)
     task_names = [lm_eval_name(t, online) for t in chosen]
     results = []
     for index, source in enumerate(sources, 1):
@@ -449,7 +231,7 @@ def evaluate(
             flush=True,
         )
         try:
-            lm = build_lm(source, device=device, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer)
+            lm = build_lm(source, device, batch_size, dtype=settings.dtype, tokenizer=settings.tokenizer)
         except ZeroShotError:
             raise
         except (OSError, ValueError, KeyError) as err:  # transformers' errors for unloadable folders
@@ -475,6 +257,16 @@ def evaluate(
         del lm  # free this model's memory before the next one loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return results
+
+
+def run_zeroshot(
+    models: dict[str, str] | list[str], settings: ZeroShotSettings, out_dir: str | Path
+) -> list[ModelResult]:
+    """Evaluate ``models`` ({name: spec} or ``[NAME=]SPEC`` strings) and write table.md, table.csv and
+    raw/<model>.json into ``out_dir`` (nothing is written when any model or task is refused)."""
+    results = evaluate(models, settings)
+    write_outputs(results, select_tasks(settings.tasks, settings.online), out_dir, settings.limit)
     return results
 
 
@@ -560,74 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
         "initial checkpoint",
     )
     parser.add_argument("--out", default="reports/zeroshot", help="output folder (table.md, table.csv, raw/*.json)")
-    parser.add_argument(
-        "--tasks", default=None, help="comma-separated: " + ",".join(t.key for t in TASKS) + " (default: all available)"
-    )
+    add_settings_args(parser, ZeroShotSettings, skip=("limit", "batch_size"))
+    # text parsed by ZeroShotSettings (a count or a fraction; an int or 'auto')
     parser.add_argument("--limit", type=float, default=None, help="only the first N documents per task (quick runs)")
-    parser.add_argument("--online", action="store_true", help="lm-eval's standard tasks, downloading their data")
-    parser.add_argument(
-        "--data-dir", default=None, help="folder with the bundled <task>.tar.gz (default: data/zeroshot)"
-    )
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--batch-size", default=None, help="int or 'auto' (default: auto on GPU, 8 on CPU)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights' dtype (auto: as stored in the checkpoint)",
-    )
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder/file/hub name (default: the model's)")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow a softmax1/sink_logit export's bundled modelling code to run (needed for those variants)",
-    )
     return parser
-
-
-def _parse_limit(value: float | None) -> int | float | None:
-    if value is None:
-        return None
-    if value <= 0:
-        raise ZeroShotError(f"--limit must be positive, got {value}")
-    return int(value) if value >= 1 else value  # lm-eval: a fraction < 1 means that share of each task
-
-
-def _parse_batch_size(value: str | None) -> int | str | None:
-    if value is None or value.startswith("auto"):
-        return value
-    try:
-        size = int(value)
-    except ValueError:
-        raise ZeroShotError(f"--batch-size must be an int or 'auto', got {value!r}") from None
-    if size < 1:
-        raise ZeroShotError(f"--batch-size must be >= 1, got {size}")
-    return size
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        tasks = [t for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-        chosen = select_tasks(tasks, args.online)
-        limit = _parse_limit(args.limit)
-        results = evaluate(
-            args.models,
-            tasks=[t.key for t in chosen],
-            online=args.online,
-            limit=limit,
-            device=args.device,
-            batch_size=_parse_batch_size(args.batch_size),
-            dtype=args.dtype,
-            tokenizer=args.tokenizer,
-            trust_remote_code=args.trust_remote_code,
-            data_dir=args.data_dir,
-        )
+        settings = settings_from_args(ZeroShotSettings, args)
+        results = run_zeroshot(args.models, settings, args.out)
     except ZeroShotError as err:
         print(f"sinklm zeroshot: {err}", file=sys.stderr)
         return 2
-    out = write_outputs(results, chosen, args.out, limit)
-    print(markdown_table(results, chosen, limit))
+    out = Path(args.out)
+    print(markdown_table(results, select_tasks(settings.tasks, settings.online), settings.limit))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'} and {out / 'raw'}/", file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@
 #
 # HOSTFILE (default launch/hostfile) lists "hostname slots=GPUS" per node; see hostfile.example.
 # MASTER_ADDR defaults to the first host, MASTER_PORT to 29500. Run it on the first host.
+# Each rank runs the installed `sinklm` entry point (SINKLM, default: the one on PATH of every node).
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == -* ]]; then
     echo "usage: HOSTFILE=launch/hostfile $0 CONFIG [--section.key=value ...]" >&2
@@ -19,5 +20,6 @@ if [[ ! -f "$HOSTFILE" ]]; then
     exit 2
 fi
 FIRST_HOST="$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1; exit}')"
+SINKLM="${SINKLM:-sinklm}"
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" \
-    --master_port "${MASTER_PORT:-29500}" --module pretrain.train "$CONFIG" "$@"
+    --master_port "${MASTER_PORT:-29500}" --no_python --no_local_rank "$SINKLM" train "$CONFIG" "$@"

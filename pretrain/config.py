@@ -1,151 +1,23 @@
-"""Typed configuration: dataclasses with a docstring per field, YAML loading, dotted overrides.
+"""The model's typed configuration (:class:`ModelConfig`), its presets and the variant names.
 
-Every config is a plain dataclass. :func:`from_dict` builds one from a mapping and rejects unknown
-keys and wrongly typed values with an error naming the key path and the file it came from, so a
-typo never silently falls back to a default.
+Loading, validation and overrides are the one config engine's (:mod:`data.settings`); this module
+re-exports its names that model and run configs use.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-import yaml
-
+from data.settings import ConfigError, from_dict, load_yaml, to_dict
 from data.sinks import padded_vocab_size, sink_token_ids
+from pretrain.attention import KINDS as ATTENTION_KINDS
 
-ATTENTION_KINDS = ("softmax", "softmax1", "sink_logit")
+__all__ = ["ATTENTION_KINDS", "CONFIG_DIR", "ConfigError", "ModelConfig", "from_dict", "load_yaml", "preset_path",
+           "to_dict", "variant_name"]
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names the key (and file)."""
-
-
-# --------------------------------------------------------------------------------------------
-# generic dataclass <-> dict with validation
-# --------------------------------------------------------------------------------------------
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is typing.Union or origin is types.UnionType:
-        errors = []
-        for option in get_args(hint):
-            try:
-                return _check_type(value, option, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: expected {_type_name(hint)}, found {value!r}")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{where}: expected null, found {value!r}")
-    if origin is Literal:
-        if value in get_args(hint):
-            return value
-        choices = ", ".join(repr(c) for c in get_args(hint))
-        raise ConfigError(f"{where}: expected one of {choices}, found {value!r}")
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, found {value!r}")
-        return from_dict(hint, value, where=where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, found {value!r}")
-        args = get_args(hint)
-        item = args[0] if args else Any
-        items = [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, found {value!r}")
-        return dict(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, found {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, found {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, found {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, found {value!r}")
-        return value
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise :class:`ConfigError`."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, found {data!r}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}"
-            + (f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
-            + f"; valid keys of {cls.__name__}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        kwargs[key] = _check_type(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        if where and not str(err).startswith(where):
-            raise ConfigError(f"{where}.{err}") from None
-        raise
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain dict (YAML/JSON friendly)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
-    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +140,7 @@ class ModelConfig:
     @property
     def variant(self) -> str:
         """Short name of the variant: ``vanilla``, ``softmax1``, ``sink_logit``, ``sink1``..."""
-        if self.sink_tokens:
-            base = "" if self.attention == "softmax" else f"{self.attention}+"
-            return f"{base}sink{self.sink_tokens}"
-        return "vanilla" if self.attention == "softmax" else self.attention
+        return variant_name(self.attention, self.sink_tokens)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> "ModelConfig":
@@ -311,6 +180,13 @@ class ModelConfig:
         # QK^T and PV: 2 * T * d multiply-adds per token and layer, counted over the full (not
         # causal) window as PaLM's MFU does: 6 * N + 12 * L * T * d
         return 6.0 * matmul_params + 12.0 * L * T * d
+
+
+def variant_name(attention: str, sink_tokens: int) -> str:
+    """The one name of a variant: ``vanilla``, ``softmax1``, ``sink_logit``, ``sink2``, ``softmax1+sink1``..."""
+    if sink_tokens:
+        return ("" if attention == "softmax" else f"{attention}+") + f"sink{sink_tokens}"
+    return "vanilla" if attention == "softmax" else attention
 
 
 def preset_path(name: str) -> Path:

@@ -23,6 +23,29 @@ from pretrain.attention import attend
 from pretrain.config import ModelConfig
 
 
+def rotary_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, angle_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., 2 * len(inv_freq)) of the rotate-half angles ``positions * inv_freq``.
+
+    The angles are formed in ``angle_dtype``: float32 as GPT-NeoX does, or float64 where absolute
+    positions run into the millions (float32 loses ~0.25 rad at position 4e6; the streaming cache
+    puts window keys at absolute stream positions).
+    """
+    freqs = positions.to(angle_dtype)[..., None] * inv_freq.to(device=positions.device, dtype=angle_dtype)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX rotate-half RoPE over the first ``cos.shape[-1]`` dims of x (..., D); the rest pass."""
+    ndims = cos.shape[-1]
+    x_rot, x_pass = x[..., :ndims], x[..., ndims:]
+    half = ndims // 2
+    rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
     """Partial rotary embedding (GPT-NeoX style: rotate-half over the first ``ndims`` dims)."""
 
@@ -32,14 +55,18 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, ndims, 2, dtype=torch.float) / ndims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype, angle_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (..., ndims) for ``positions`` (see :func:`rotary_tables`)."""
+        return rotary_tables(self.inv_freq, positions, dtype, angle_dtype)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (B, T) -> cos, sin of shape (1 or B, 1, T, ndims), computed in fp32."""
-        freqs = positions.to(torch.float)[..., None] * self.inv_freq.to(positions.device)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        if emb.dim() == 2:
-            emb = emb[None]
-        emb = emb[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = self.tables(positions, dtype)
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        return cos[:, None], sin[:, None]
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, D) as if its tokens sat at ``positions`` ((T,) or (B, T))."""
@@ -47,10 +74,7 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_with(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, D) with precomputed ``cos_sin`` tables."""
-        x_rot, x_pass = x[..., : self.ndims], x[..., self.ndims :]
-        half = self.ndims // 2
-        rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-        return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
+        return rotate_half(x, cos, sin)
 
 
 class KVCache(Protocol):
@@ -176,11 +200,12 @@ class ModelOutput(NamedTuple):
     # a NamedTuple rather than a dataclass: ZeRO-3's forward hooks look inside tuples for tensors
     logits: torch.Tensor  # (B, T, padded_vocab)
     attentions: list[torch.Tensor] | None = None  # per layer (B, H, T, Tk) when requested
-    hidden_states: torch.Tensor | None = None  # final hidden states before ln_f (B, T, C)
+    hidden_states: torch.Tensor | None = None  # final hidden states, after ln_f (B, T, C)
 
 
 class GPTNeoX(nn.Module):
-    """The decoder. ``forward(input_ids, position_ids=None, cache=None)`` -> :class:`ModelOutput`."""
+    """The decoder. ``forward(input_ids, position_ids=None, cache=None)`` -> :class:`ModelOutput`;
+    :meth:`hidden_states` is its trunk (everything but the vocabulary head)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -213,6 +238,32 @@ class GPTNeoX(nn.Module):
             elif isinstance(module, Attention) and module.sink_logit is not None:
                 nn.init.constant_(module.sink_logit, cfg.sink_logit_init)
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (T,) or (B, T); default 0..T-1 (or from the cache)
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,  # extra boolean mask (B|1, H|1, T, T), ANDed with causal
+        attentions: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The trunk: embedding, blocks, final LayerNorm -> hidden states (B, T, C).
+
+        Lets callers apply the (large) vocabulary head to just the positions they need. When
+        ``attentions`` is a list, each layer's attention weights are appended to it.
+        """
+        x = self.embed(input_ids)  # (B, T, C)
+        rope = None
+        if cache is None:
+            # every layer rotates with the same tables: compute them once per forward, not per layer
+            positions = torch.arange(x.shape[1], device=x.device) if position_ids is None else position_ids
+            rope = self.blocks[0].attn.rotary.cos_sin(positions, x.dtype)
+        need_probs = attentions is not None
+        for block in self.blocks:
+            x, probs = block(x, position_ids, cache, attn_mask, need_probs, rope)
+            if need_probs:
+                attentions.append(probs)
+        return self.ln_f(x)
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
@@ -222,20 +273,10 @@ class GPTNeoX(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> ModelOutput:
-        x = self.embed(input_ids)  # (B, T, C)
         attentions = [] if output_attentions else None
-        rope = None
-        if cache is None:
-            # every layer rotates with the same tables: compute them once per forward, not per layer
-            positions = torch.arange(x.shape[1], device=x.device) if position_ids is None else position_ids
-            rope = self.blocks[0].attn.rotary.cos_sin(positions, x.dtype)
-        for block in self.blocks:
-            x, probs = block(x, position_ids, cache, attn_mask, output_attentions, rope)
-            if attentions is not None:
-                attentions.append(probs)
-        hidden = x if output_hidden_states else None
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        return ModelOutput(logits=logits, attentions=attentions, hidden_states=hidden)
+        hidden = self.hidden_states(input_ids, position_ids, cache, attn_mask, attentions)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        return ModelOutput(logits=logits, attentions=attentions, hidden_states=hidden if output_hidden_states else None)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

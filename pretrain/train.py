@@ -1,220 +1,65 @@
 """``sinklm train``: pretrain a GPT-NeoX variant with DeepSpeed (one process, torchrun, or deepspeed).
 
     sinklm train configs/experiments/quickstart-vanilla.yaml --train.max_steps=20
-    torchrun --nproc_per_node 2 -m pretrain.train configs/experiments/quickstart-sink1.yaml
-    deepspeed --num_gpus 8 --module pretrain.train configs/experiments/paper-160m-sink1.yaml
+    torchrun --nproc_per_node 2 --no-python sinklm train configs/experiments/quickstart-sink1.yaml
+    deepspeed --num_gpus 8 --no_python --no_local_rank sinklm train configs/experiments/paper-160m-sink1.yaml
 
-Flow: resolve + validate the config, the data and any checkpoint to resume (all before touching
-DeepSpeed, so bad input fails in a second) -> build the model (optionally from ``train.init_from``)
+Launch the installed ``sinklm`` entry point (as ``launch/*.sh`` do) rather than ``-m pretrain.train``:
+``python -m`` puts the working directory first on ``sys.path``, where a user's own ``data.py``
+would shadow our ``data`` package. ``sinklm train`` also hands the trainer its probe function
+(:data:`pretrain.plan.ProbeFn`); this module alone has none, so it refuses ``probe.every > 0``.
+
+Flow: resolve + validate the config, the data and any checkpoint to resume (:mod:`pretrain.plan`,
+all before touching DeepSpeed, so bad input fails in a second) -> build the model (optionally from ``train.init_from``)
 -> ``deepspeed.initialize`` -> resume -> train, validating and checkpointing on schedule.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import socket
 import sys
 import time
-import warnings
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
-from data.shards import DataError, read_manifest
-from pretrain.checkpoint import (
+from data.loader import SampleLoader
+from data.settings import split_cli_overrides
+from data.shards import DataError, TokenStream
+from pretrain.checkpoints import load_init_for_training
+from pretrain.checkpoints.training import (
     ResumePoint,
-    check_same_shape,
     code_version,
-    find_resume_point,
     load_checkpoint,
-    read_latest,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from pretrain.config import ConfigError
+from pretrain.distributed import deepspeed_config, init_distributed, initialize_engine, shutdown
 from pretrain.metrics import MetricsLogger, StepStats, guess_peak_tflops, truncate_metrics
 from pretrain.model import GPTNeoX, lm_loss
 from pretrain.optim import WarmupCosine, build_optimizer, set_lr
-from pretrain.train_config import RunConfig, deepspeed_config, gradient_accumulation_steps, resolve_config
+from pretrain.plan import Plan, ProbeFn, check_probe, plan_run
+from pretrain.train_config import resolve_config
+
+__all__ = ["Plan", "ProbeFn", "Trainer", "build_parser", "main", "plan_run"]
 
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_FILE = "deepspeed.json"
-
-# --------------------------------------------------------------------------------------------
-# processes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def read_dist_env() -> DistEnv:
-    """Rank and world size from the launcher (torchrun / deepspeed / srun), or a single process."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
-
-
-def init_distributed(env: DistEnv) -> None:
-    """torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. A plain ``python`` run gets
-    the env:// variables of a world of one."""
-    import deepspeed
-
-    defaults = {"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank)}
-    # a world of one needs no agreed port: take a free one so parallel single-process runs never clash
-    port = os.environ.get("SINKLM_MASTER_PORT") or (str(_free_port()) if env.world_size == 1 else "29500")
-    defaults.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
-    deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo", auto_mpi_discovery=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        if requested not in ("auto", "fp32"):
-            raise ConfigError(f"train.precision={requested} needs a GPU; this run is on CPU (use fp32)")
-        return "fp32"
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
-
-
-# --------------------------------------------------------------------------------------------
-# checks before anything runs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """Everything decided before DeepSpeed starts."""
-
-    run: RunConfig
-    env: DistEnv
-    precision: str
-    grad_accum: int
-    manifest: dict[str, Any]
-    resume: ResumePoint | None
-    has_validation: bool
-
-
-def _resume_point(run: RunConfig) -> ResumePoint | None:
-    mode, run_dir = run.train.resume, Path(run.train.run_dir)
-    if mode == "never":
-        if read_latest(run_dir):
-            raise ConfigError(
-                f"train.resume=never but {run_dir} already holds checkpoints (latest: {read_latest(run_dir)}); "
-                "choose another train.run_dir or resume"
-            )
-        return None
-    if mode == "auto":
-        return find_resume_point(run_dir) if run_dir.is_dir() else None
-    point = find_resume_point(mode)
-    if point is None:
-        raise ConfigError(f"train.resume: {mode} holds no complete checkpoint (no `latest` file)")
-    return point
-
-
-def _check_resume_compatible(run: RunConfig, point: ResumePoint, manifest: dict[str, Any], world_size: int) -> None:
-    where = str(point.load_dir / point.tag)
-    saved = point.state.get("config", {})
-    check_same_shape(saved.get("model", {}), run.model, where)
-    saved_tok = point.state.get("tokenizer", {}).get("fingerprint")
-    if saved_tok and saved_tok != manifest["tokenizer"].get("fingerprint"):
-        raise ConfigError(
-            f"{where} was trained on data tokenized with fingerprint {saved_tok}, but {run.data.path} uses "
-            f"{manifest['tokenizer'].get('fingerprint')}"
-        )
-    saved_text = point.state.get("text_tokens")
-    if saved_text is not None and saved_text != run.text_tokens:
-        raise ConfigError(f"{where} was trained with {saved_text} text tokens per sample; this config has {run.text_tokens}")
-    saved_data = saved.get("data", {})
-    for key in ("seed", "shuffle", "train_split"):
-        if key in saved_data and saved_data[key] != getattr(run.data, key):
-            raise ConfigError(f"{where} was trained with data.{key}={saved_data[key]!r}; this config has {getattr(run.data, key)!r}")
-    saved_world = point.state.get("world_size")
-    if saved_world is not None and saved_world != world_size:
-        raise ConfigError(
-            f"{where} was written by {saved_world} process(es); this run has {world_size}. Resume with the "
-            f"same number of processes (ZeRO shards and each rank's data position depend on it)"
-        )
-
-
-def plan_run(run: RunConfig) -> Plan:
-    """Validate data, tokenizer, vocabulary and resume folder; raise ConfigError / DataError."""
-    env = read_dist_env()
-    data_dir = Path(run.data.path)
-    if not data_dir.exists():
-        raise ConfigError(
-            f"data.path: {data_dir} does not exist; prepare it first, e.g. `sinklm data prepare --out {data_dir}`"
-        )
-    manifest = read_manifest(data_dir)
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    if vocab != run.model.vocab_size:
-        raise ConfigError(
-            f"vocabulary mismatch: {data_dir}/manifest.json was tokenized with a {vocab}-token vocabulary "
-            f"({manifest['tokenizer'].get('spec')}) but model.vocab_size is {run.model.vocab_size}"
-        )
-    splits = manifest["splits"]
-    if run.data.train_split not in splits:
-        raise ConfigError(f"data.train_split: {data_dir} has no split {run.data.train_split!r} (has {', '.join(splits)})")
-    has_validation = run.data.validation_split in splits
-    if run.probe.every and not has_validation:
-        raise ConfigError(f"probe.every: the probe streams the validation split, but {data_dir} has no {run.data.validation_split!r}")
-    if run.probe.every:
-        try:
-            import inference.perplexity  # noqa: F401  (only the probe needs it)
-        except ImportError as err:
-            raise ConfigError(f"probe.every={run.probe.every} needs inference.perplexity ({err})") from None
-    if run.train.init_from:
-        init = Path(run.train.init_from)
-        from pretrain.init_checkpoint import is_init_checkpoint
-
-        if not is_init_checkpoint(init):
-            raise ConfigError(f"train.init_from: {init} is not an initial checkpoint (needs model.yaml + model.safetensors)")
-    precision = resolve_precision(run.train.precision, env.device)
-    grad_accum = gradient_accumulation_steps(run, env.world_size)
-    point = _resume_point(run)
-    if point is not None:
-        _check_resume_compatible(run, point, manifest, env.world_size)
-    return Plan(run, env, precision, grad_accum, manifest, point, has_validation)
-
-
-# --------------------------------------------------------------------------------------------
-# training
-# --------------------------------------------------------------------------------------------
 
 
 class Trainer:
     """Owns the engine, the loaders and the loop: ``setup()`` -> ``fit()``."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, probe: ProbeFn | None = None):
+        check_probe(plan.run, probe)
         self.plan = plan
+        self.probe_fn = probe
         self.run = plan.run
         self.env = plan.env
         self.run_dir = Path(self.run.train.run_dir)
@@ -226,30 +71,21 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        import deepspeed
-
-        from data.loader import SampleLoader
-
         run, env = self.run, self.env
         init_distributed(env)
         cfg = run.model
         torch.manual_seed(run.train.seed)  # identical initial weights on every rank
         model = GPTNeoX(cfg)
         if run.train.init_from:
-            from pretrain.init_checkpoint import load_init_checkpoint
-
-            init_cfg, state = load_init_checkpoint(run.train.init_from)
-            check_same_shape(init_cfg.to_dict(), cfg, f"train.init_from {run.train.init_from}")
-            model.load_state_dict(state, strict=True)
+            model.load_state_dict(load_init_for_training(run.train.init_from, cfg), strict=True)
         optimizer = build_optimizer(model, run.optimizer, env.device.type)
         self.schedule = WarmupCosine.from_config(run.optimizer, run.train.max_steps)
         self.ds_config = deepspeed_config(run, env.world_size, self.plan.precision)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
-        )
+        self.engine, self.optimizer = initialize_engine(model, optimizer, self.ds_config)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         if run.train.compile:
             self.engine.compile()  # compiles the module in place: checkpoint keys stay the same
+
         def loader(split: str, **order) -> SampleLoader:
             # train and validation cut samples identically; only the order differs
             return SampleLoader(
@@ -406,8 +242,6 @@ class Trainer:
     def _gather_step(self, loss: float, text_crc: int) -> tuple[list[float], list[int], bool]:
         """One small all-gather per step: every rank's loss, its batch CRC (proof of disjoint data)
         and whether any rank got SIGTERM (so all stop at the same step)."""
-        import torch.distributed as dist
-
         mine = torch.tensor([loss, float(text_crc), float(self.stop_requested)], dtype=torch.float64, device=self.env.device)
         if self.env.world_size == 1:
             rows = [mine]
@@ -427,8 +261,6 @@ class Trainer:
             if self.log:
                 self.log.message(f"no {self.run.data.validation_split!r} split in {self.run.data.path}: validation skipped")
             return None
-        import torch.distributed as dist
-
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # summed NLL, target count
         batches = min(self.run.train.eval_batches, len(self.val_loader))
@@ -451,26 +283,15 @@ class Trainer:
 
     @torch.no_grad()
     def probe(self) -> None:
-        """Streaming perplexity of the start of the validation split under a sink + window cache.
+        """The probe function (given by the caller) on the start of the validation split.
         Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 logs."""
-        from data.shards import TokenStream
-        from inference.perplexity import streaming_nll
-
         probe = self.run.probe
-        # streaming_nll prepends the model's sink ids itself and scores every text token after the first
         text = torch.from_numpy(TokenStream(self.run.data.path, self.run.data.validation_split)[: probe.num_tokens])
         self.engine.eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # start_size != sink_tokens is a deliberate probe setting
-            nll = streaming_nll(self.engine.module, text, probe.start_size, probe.recent_size, mode="fast", progress=False)
+        values = self.probe_fn(self.engine.module, text, probe)
         self.engine.train()
-        loss = float(nll.double().mean())
         if self.log:
-            self.log.log_eval(
-                "probe",
-                self.step,
-                {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "start_size": probe.start_size, "recent_size": probe.recent_size},
-            )
+            self.log.log_eval("probe", self.step, values)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -525,31 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate ``--section.key=value`` / ``--section.key value`` overrides from the other arguments."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if "." in name:
-            if "=" in arg:
-                overrides.append(arg[2:])
-            elif i + 1 < len(argv):
-                overrides.append(f"{name}={argv[i + 1]}")
-                i += 1
-            else:
-                raise ConfigError(f"override {arg} has no value")
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, probe: ProbeFn | None = None) -> int:
+    """``sinklm train``; ``probe`` evaluates the model every ``probe.every`` steps (see ProbeFn)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        rest, overrides = split_overrides(argv)
+        rest, overrides = split_cli_overrides(argv)
         args = build_parser().parse_args(rest)
         if args.resume is not None and args.fresh:
             raise ConfigError("--resume and --fresh contradict each other")
@@ -563,31 +364,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(run.to_dict(), sort_keys=False), end="")
             return 0
-        plan = plan_run(run)
+        plan = plan_run(run, probe)
     except (ConfigError, DataError) as err:
         print(f"sinklm train: error: {err}", file=sys.stderr)
         return 2
-    trainer = Trainer(plan)
+    trainer = Trainer(plan, probe)
     try:
         trainer.setup()
     except (ConfigError, DataError) as err:
         print(f"sinklm train: error: {err}", file=sys.stderr)
         return 2
     code = trainer.fit()
-    _shutdown_distributed()
+    shutdown()
     return code
-
-
-def _shutdown_distributed() -> None:
-    """Leave the process group cleanly: without it, gloo's worker threads are torn down during
-    interpreter exit and a rank can abort ("terminate called without an active exception"),
-    turning a finished run into a failed one for the launcher."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,15 +27,11 @@ feeding that file back to ``sinklm train`` reproduces the run.
 
 from __future__ import annotations
 
-import copy
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from data.settings import apply_override, deep_merge, load_config_file, parse_override
 from pretrain.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, load_yaml, preset_path, to_dict
 
 # Pythia's peak learning rates (EleutherAI/pythia models/*.yml), keyed by ModelConfig.name.
@@ -221,7 +217,8 @@ class DeepSpeedSection:
 
 @dataclass
 class ProbeConfig:
-    """Periodic streaming-perplexity probe (needs :mod:`inference.perplexity`)."""
+    """Periodic streaming-perplexity probe; needs an evaluation function from the caller
+    (``sinklm train`` passes ``inference.probe.streaming_probe``)."""
 
     every: int = 0
     """Run every N steps (0 = off)."""
@@ -305,19 +302,8 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# composing files and overrides
+# composing files and overrides (the engine is data.settings; the model section is run-specific)
 # --------------------------------------------------------------------------------------------
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``update`` onto a copy of ``base`` (mappings merge, anything else replaces)."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _normalize_model(section: Any, where: str) -> dict[str, Any]:
@@ -331,30 +317,13 @@ def _normalize_model(section: Any, where: str) -> dict[str, Any]:
     raise ConfigError(f"{where}: model: expected a preset name or a mapping, found {section!r}")
 
 
-def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """One YAML file with its ``base`` files merged underneath (paths relative to the file)."""
-    path = Path(path)
-    if not path.is_file() and not path.suffix:
-        candidate = CONFIG_DIR / "experiments" / f"{path}.yaml"
-        path = candidate if candidate.is_file() else path
-    resolved = path.resolve()
-    if resolved in _seen:
-        raise ConfigError(f"{path}: circular `base` chain: {' -> '.join(str(p) for p in (*_seen, resolved))}")
-    data = _numbers_in_exponent_form(load_yaml(path))
-    bases = data.pop("base", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: base: expected a file name or a list of them, found {bases!r}")
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged = _merge_files(merged, load_config_file(path.parent / base, (*_seen, resolved)), path)
+def _normalize_file(data: dict[str, Any], path: Path) -> dict[str, Any]:
     if "model" in data:
-        data["model"] = _normalize_model(data["model"], str(path))
-    return _merge_files(merged, data, path)
+        data = {**data, "model": _normalize_model(data["model"], str(path))}
+    return data
 
 
-def _merge_files(base: dict[str, Any], update: dict[str, Any], path: Path) -> dict[str, Any]:
+def _merge_run(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     if "model" in update and "model" in base:
         # a full model mapping (e.g. a saved config.yaml) replaces a preset rather than mixing with it
         if _is_full_model(update["model"]):
@@ -366,44 +335,22 @@ def _is_full_model(section: dict[str, Any]) -> bool:
     return {"num_layers", "hidden_size", "num_heads", "vocab_size"} <= set(section)
 
 
-# YAML 1.1 reads "3e-4" (no dot) as a string; every config author writes it, so read it as a number.
-_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+def load_run_file(path: str | Path) -> dict[str, Any]:
+    """One run-config file with its ``base`` files merged underneath; a bare name such as
+    ``quickstart-vanilla`` means ``configs/experiments/quickstart-vanilla.yaml``."""
+    path = Path(path)
+    if not path.is_file() and not path.suffix:
+        candidate = CONFIG_DIR / "experiments" / f"{path}.yaml"
+        path = candidate if candidate.is_file() else path
+    return load_config_file(path, normalize=_normalize_file, merge=_merge_run)
 
 
-def _numbers_in_exponent_form(value: Any) -> Any:
-    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _numbers_in_exponent_form(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers_in_exponent_form(v) for v in value]
-    return value
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=3e-4`` -> (["train", "lr"], 0.0003); values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected --section.key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), _numbers_in_exponent_form(value)
-
-
-def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+def _apply_run_override(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
     if keys[0] == "model":
         data = {**data, "model": _normalize_model(data.get("model"), "override")}
         if keys == ["model"] and isinstance(value, str):
             keys = ["model", "preset"]  # --model=pythia-14m swaps the preset, keeps other model keys
-    nested: Any = value
-    for key in reversed(keys):
-        nested = {key: nested}
-    return deep_merge(data, nested)
+    return apply_override(data, keys, value)
 
 
 def build_model_config(section: dict[str, Any]) -> ModelConfig:
@@ -446,68 +393,8 @@ def resolve_config(files: list[str | Path], overrides: list[str] = ()) -> RunCon
         raise ConfigError("no config file given (e.g. configs/experiments/quickstart-vanilla.yaml)")
     merged: dict[str, Any] = {}
     for path in files:
-        merged = _merge_files(merged, load_config_file(path), Path(path))
+        merged = _merge_run(merged, load_run_file(path))
     for text in overrides:
         keys, value = parse_override(text)
-        merged = apply_override(merged, keys, value)
+        merged = _apply_run_override(merged, keys, value)
     return build_run_config(merged)
-
-
-# --------------------------------------------------------------------------------------------
-# the DeepSpeed JSON
-# --------------------------------------------------------------------------------------------
-
-
-def deepspeed_json_path(name: str) -> Path:
-    candidates = [Path(name), CONFIG_DIR / "deepspeed" / name, CONFIG_DIR / "deepspeed" / f"{name}.json"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    available = sorted(p.stem for p in (CONFIG_DIR / "deepspeed").glob("*.json"))
-    raise ConfigError(f"deepspeed.config: no DeepSpeed config {name!r}; available: {', '.join(available)} or a path")
-
-
-def deepspeed_config(run: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
-    """The JSON handed to ``deepspeed.initialize``: the file, the overrides, then our batch,
-    clipping and precision settings (which win)."""
-    path = deepspeed_json_path(run.deepspeed.config)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    ds = deep_merge(ds, run.deepspeed.overrides)
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(
-                f"{path}: remove the {key!r} block: sinklm builds AdamW and the lr schedule itself "
-                f"(set them in the `optimizer` section)"
-            )
-    zero = ds.setdefault("zero_optimization", {})
-    if run.deepspeed.zero_stage is not None:
-        zero["stage"] = run.deepspeed.zero_stage
-    zero.setdefault("stage", 0)
-    micro, gas = run.train.micro_batch_size, gradient_accumulation_steps(run, world_size)
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = gas
-    ds["train_batch_size"] = micro * gas * world_size
-    ds["gradient_clipping"] = run.optimizer.grad_clip
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
-    if precision == "fp16":
-        ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
-        ds["fp16"].setdefault("initial_scale_power", 16)
-    ds.setdefault("steps_per_print", 10**12)  # our own logger prints
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def gradient_accumulation_steps(run: RunConfig, world_size: int) -> int:
-    if run.train.global_batch_size is None:
-        return run.train.grad_accum_steps
-    per_step = run.train.micro_batch_size * world_size
-    if run.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={run.train.global_batch_size} is not a multiple of "
-            f"micro_batch_size x world size = {run.train.micro_batch_size} x {world_size}"
-        )
-    return run.train.global_batch_size // per_step

@@ -1,3 +1,5 @@
 """sinklm: pretraining with attention sinks and StreamingLLM evaluation."""
 
-__version__ = "0.1.0"
+from data.version import __version__
+
+__all__ = ["__version__"]

@@ -13,14 +13,14 @@ import sys
 # by their joined words.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data prepare": ("data.prepare", "tokenize a corpus into memory-mapped token shards"),
-    "train": ("pretrain.train", "pretrain a model with DeepSpeed (any attention variant, sink tokens)"),
+    "train": ("sinklm.train", "pretrain a model with DeepSpeed (any attention variant, sink tokens)"),
     "convert": ("pretrain.convert", "convert DeepSpeed checkpoints <-> Hugging Face folders"),
-    "stream-ppl": ("inference.perplexity", "streaming perplexity under a sink + window cache"),
+    "stream-ppl": ("inference.stream_ppl", "streaming perplexity under a sink + window cache"),
     "generate": ("inference.generate", "generate text with the streaming cache"),
     "chat": ("inference.chat", "multi-turn chat with one streaming cache across turns"),
     "compare": ("inference.compare", "compare trained variants under streaming (the paper's Table 3)"),
     "zeroshot": ("inference.zeroshot", "zero-shot accuracy through lm-evaluation-harness (Table 4)"),
-    "experiment": ("pretrain.experiment", "run the whole experiment end to end and write a report"),
+    "experiment": ("sinklm.experiment", "run the whole experiment end to end and write a report"),
 }
 
 

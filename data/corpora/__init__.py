@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from data.sources import decode_text
+from data.text import decode_text
 
 CORPORA_DIR = Path(__file__).resolve().parent
 GUTENBERG_DIR = CORPORA_DIR / "gutenberg"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 
 from data.corpora import GUTENBERG_DIR, SPLITS, book_names, bundled_books, read_book, stream_test_text
-from data.sources import decode_text
+from data.text import decode_text
 
 
 def test_split_is_by_book_disjoint_and_complete():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from data.corpora import read_book
-from data.prepare import main, piece_cuts_are_exact, prepare, split_document
+from data.prepare import main, prepare
+from data.tokenizing import piece_cuts_are_exact, split_document
 from data.shards import DataError, TokenStream, read_manifest
 from data.sources import FilesSource, HFDatasetSource
 from data.tokenizer import load_tokenizer, tokenizer_state

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from inference.cache import SinkCache, rotate_at
-from inference.stream import StreamError, check_start_size, final_hidden, resolve_cache_sizes
+from inference.cache import SinkCache
+from inference.stream import StreamError, check_start_size, resolve_cache_sizes
 from pretrain.config import ModelConfig
-from pretrain.model import GPTNeoX
+from pretrain.model import GPTNeoX, rotate_half
 
 
 
@@ -172,13 +172,13 @@ def test_memory_stays_at_start_plus_recent(tiny_config):
     ids = torch.randint(0, tiny_config.vocab_size, (1, 100_000), generator=torch.Generator().manual_seed(0))
     H, D, L = tiny_config.num_heads, tiny_config.head_dim, tiny_config.num_layers
     per_layer = 2 * H * (start + recent) * D * 4 + recent * 8  # fp32 keys + values, int64 slot positions
-    final_hidden(model, ids[:, :250], cache)
+    model.hidden_states(ids[:, :250], cache=cache)
     addresses = [(s.sink_k.data_ptr(), s.win_k.data_ptr(), s.win_v.data_ptr()) for s in cache.layers.values()]
     for offset in range(250, ids.shape[1], 250):
-        final_hidden(model, ids[:, offset : offset + 250], cache)
+        model.hidden_states(ids[:, offset : offset + 250], cache=cache)
         assert cache.nbytes() == L * per_layer
     for t in range(200):  # decoding token by token wraps the ring many times
-        final_hidden(model, ids[:, t : t + 1], cache)
+        model.hidden_states(ids[:, t : t + 1], cache=cache)
     assert cache.nbytes() == L * per_layer
     assert len(cache) == start + recent and cache.seen == 100_200
     assert addresses == [(s.sink_k.data_ptr(), s.win_k.data_ptr(), s.win_v.data_ptr()) for s in cache.layers.values()]
@@ -192,6 +192,10 @@ def test_rotation_exact_far_into_the_stream():
     rotary = model.blocks[0].attn.rotary
     torch.manual_seed(1)
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16)
+
+    def rotate_at(rotary, x, positions):  # the cache's rotation: float64 angles
+        return rotate_half(x, *rotary.tables(positions, x.dtype, torch.float64))
+
     near = rotate_at(rotary, q, torch.tensor([5])) @ rotate_at(rotary, k, torch.tensor([0])).transpose(-1, -2)
     far_pos = 3_000_017
     far = rotate_at(rotary, q, torch.tensor([far_pos + 5])) @ rotate_at(rotary, k, torch.tensor([far_pos])).transpose(-1, -2)

@@ -20,9 +20,10 @@ from data.corpora import bundled_books, stream_test_text
 from inference import compare
 from inference.perplexity import perplexity, streaming_nll
 from inference.plots import moving_average
-from inference.stream import read_stream_tokens
+from inference.backends import load_backend
+from inference.stream import TextSettings, read_stream_tokens
 from pretrain.config import ModelConfig
-from pretrain.convert import Checkpoint, export_hf, load_model
+from pretrain.checkpoints import Checkpoint, export_hf, load_model
 from pretrain.model import GPTNeoX, lm_loss
 
 CACHE = 48
@@ -42,7 +43,7 @@ def _byte_tokenizer(path) -> str:
 
 
 def _train(cfg: ModelConfig, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A plain AdamW loop on random windows; sink-token samples are k sink ids + text (DESIGN.md)."""
+    """A plain AdamW loop on random windows; sink-token samples are k sink ids + text (docs/design.md)."""
     torch.manual_seed(0)
     model = GPTNeoX(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -97,6 +98,20 @@ def compare_run(exported_models):
     return out, folders
 
 
+def test_result_reads_back_from_its_files(compare_run):
+    """CompareResult.load gives what the run wrote: the table, columns, sinks and per-token NLL."""
+    out, _ = compare_run
+    result = compare.CompareResult.load(out)
+    rows = {r["model"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert list(result.table) == ["vanilla", "sink"]
+    assert [c.label for c in result.columns] == ["0+48", "1+47", "2+46", "4+44", "dense", "recompute"]
+    assert result.to_csv() == (out / "table.csv").read_text()
+    assert float(rows["sink"]["1+47"]) == result.table["sink"]["1+47"]
+    assert result.sinks["sink"].sink_tokens == 1 and result.settings["cache_size"] == CACHE
+    assert result.nll["sink"]["1+47"].shape == (MAX_TOKENS - 1,)
+    assert result.files["index.md"] == str(out / "index.md")
+
+
 def test_compare_writes_every_file(compare_run):
     """The command must produce the whole report: a missing plot or table breaks the issue-9 report."""
     out, _ = compare_run
@@ -122,14 +137,13 @@ def test_compare_writes_every_file(compare_run):
 def test_table_cells_equal_stream_ppl(compare_run, tmp_path):
     """Each cell must be the perplexity stream-ppl reports for that model and cache (no different
     tokenization, scoring offset or cache semantics hiding in compare)."""
-    from inference import perplexity as stream_ppl
+    from inference import stream_ppl
 
     out, folders = compare_run
     table = {r["model"]: r for r in csv.DictReader((out / "table.csv").open())}
     for name in ("vanilla", "sink"):
         loaded = load_model(folders[name])
-        text_args = compare.default_text_args(MAX_TOKENS)
-        text_args.text = str(out.parent / "moby.txt")
+        text_args = TextSettings(text=str(out.parent / "moby.txt"), max_tokens=MAX_TOKENS)
         ids, _ = read_stream_tokens(text_args, loaded.tokenizer)
         for start in (0, 1, 2, 4):
             label = f"{start}+{CACHE - start}"
@@ -147,14 +161,14 @@ def test_table_cells_equal_stream_ppl(compare_run, tmp_path):
 
 
 def test_python_api_returns_the_table(exported_models):
-    """compare_models is the notebook / report API: same numbers as the CLI, no files needed."""
+    """run_compare is the notebook / report API: same numbers as the CLI, no files needed."""
     _, folders = exported_models
-    entry = compare.load_entry("sink", folders["sink"])
+    entry = load_backend(folders["sink"], "sink")
     ids = torch.tensor(entry.tokenizer("Call me Ishmael. " * 40, add_special_tokens=False)["input_ids"])
     # recompute over fewer tokens than one window: every target is scored from the plain prefix
-    result = compare.compare_models({"sink": entry}, ids=ids, cache_size=32, start_sizes=(0, 1),
-                                    baselines=("dense", "recompute"), recompute_max_tokens=20, sink_inputs=4,
-                                    map_inputs=4, progress=False)
+    settings = compare.CompareSettings(cache_size=32, start_sizes=[0, 1], baselines=["dense", "recompute"],
+                                       recompute_max_tokens=20, sink_inputs=4, map_inputs=4, progress=False)
+    result = compare.run_compare({"sink": entry}, settings, ids=ids)
     expected = perplexity(streaming_nll(entry.model, ids, 1, 31, progress=False))
     assert result.table["sink"]["1+31"] == pytest.approx(expected, rel=1e-9)
     assert list(result.table["sink"]) == ["0+32", "1+31", "dense", "recompute"]
@@ -185,7 +199,7 @@ def test_llama_family_hf_folder_streams_through_hf_cache(exported_models, tmp_pa
             "--text", str(tmp_path / "text.txt"), "--no-progress"]
     assert compare.main(argv) == 0
     row = next(csv.DictReader((out / "table.csv").open()))
-    entry = compare.load_entry("llama", folder)
+    entry = load_backend(folder, "llama")
     assert entry.kind == "hf"
     ids = torch.tensor(entry.tokenizer(stream_test_text()[:2000], add_special_tokens=False)["input_ids"][:120])
     expected = perplexity(hf_streaming_nll(entry.model, ids, 4, 12, progress=False))
@@ -193,7 +207,7 @@ def test_llama_family_hf_folder_streams_through_hf_cache(exported_models, tmp_pa
     assert (out / "attention_llama.png").is_file()
 
     # `sinklm stream-ppl` takes the same route and reports the same number
-    from inference.perplexity import main as stream_ppl_main
+    from inference.stream_ppl import main as stream_ppl_main
 
     ppl_dir = tmp_path / "ppl"
     assert stream_ppl_main([str(folder), "--start-size", "4", "--recent-size", "12", "--max-tokens", "120",

@@ -10,7 +10,8 @@ import torch
 
 from inference.cache import SinkCache
 from inference.chat import chat, read_turns
-from inference.generate import Sampler, StreamingSession, TextStreamer
+from inference.generate import TextStreamer
+from inference.session import Sampler, StreamingSession
 from inference.stream import StreamError
 from pretrain.config import ModelConfig
 from pretrain.model import GPTNeoX
@@ -133,7 +134,7 @@ def test_read_turns_formats_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from pretrain.init_checkpoint import save_init_checkpoint
+    from pretrain.checkpoints.init_format import save_init_checkpoint
 
     model = make_model(sink_tokens=1)
     folder = tmp_path_factory.mktemp("gen") / "tiny-sink1"

@@ -1,8 +1,8 @@
-"""The transformers SinkCache against a plain per-token reference of the streaming protocol.
+"""The transformers HFSinkCache against a plain per-token reference of the streaming protocol.
 
 The reference is written here from the HF modules' weights, independent of the cache: it keeps
 *un-rotated* keys, trims them to the first S and last R tokens after every step, and re-rotates
-them with positions 0..len-1 each step (query at the last slot) -- DESIGN.md's semantics verbatim.
+them with positions 0..len-1 each step (query at the last slot) -- docs/design.md's semantics verbatim.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from inference.hf_cache import SinkCache, cache_kwarg, hf_dense_nll, hf_recompute_nll, hf_streaming_nll, stream_prefill
+from inference.backends import as_backend
+from inference.hf_cache import HFSinkCache, cache_kwarg, hf_dense_nll, hf_streaming_nll, stream_prefill
 
 START, RECENT = 2, 10  # capacity 12: tokens 13.. are fed after the first eviction
 STREAM = 40
@@ -144,10 +145,10 @@ def test_reference_matches_dense_model_before_eviction(model_and_reference_logit
 
 
 def test_per_token_loop_matches_reference_across_eviction(model_and_reference_logits):
-    """Manual loop model(ids, cache=SinkCache): wrong sink positions or window after eviction
+    """Manual loop model(ids, cache=HFSinkCache): wrong sink positions or window after eviction
     (e.g. keys left at stale positions, sinks evicted, off-by-one capacity) change the logits."""
     model, ids, ref_logits = model_and_reference_logits
-    cache = SinkCache(model, START, RECENT)
+    cache = HFSinkCache(model, START, RECENT)
     key = cache_kwarg(model)
     with torch.no_grad():
         logits = torch.stack([model(input_ids=ids[None, t : t + 1], **{key: cache}).logits[0, 0] for t in range(STREAM)])
@@ -160,7 +161,7 @@ def test_stream_prefill_and_nll_match_reference(model_and_reference_logits):
     """The exact prefill (one chunk up to the cache size, then single tokens) and hf_streaming_nll
     must be the per-token protocol, not a dense pass over the prompt."""
     model, ids, ref_logits = model_and_reference_logits
-    cache = SinkCache(model, START, RECENT)
+    cache = HFSinkCache(model, START, RECENT)
     logits = stream_prefill(model, ids[None], cache)[0]
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     nll = hf_streaming_nll(model, ids, START, RECENT, progress=False)
@@ -169,7 +170,7 @@ def test_stream_prefill_and_nll_match_reference(model_and_reference_logits):
 
 
 def test_generate_with_sink_cache_is_greedy_reference(model_and_reference_logits):
-    """model.generate(..., past_key_values=SinkCache) past the eviction point must produce the
+    """model.generate(..., past_key_values=HFSinkCache) past the eviction point must produce the
     reference's greedy continuation (generate counts positions itself; the cache must agree)."""
     model, ids, _ = model_and_reference_logits
     prompt = ids[:8]
@@ -181,7 +182,7 @@ def test_generate_with_sink_cache_is_greedy_reference(model_and_reference_logits
     for _ in range(new_tokens):
         token = int(ref.step(token).argmax())
         expected.append(token)
-    cache = SinkCache(model, START, RECENT)
+    cache = HFSinkCache(model, START, RECENT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # past_key_values -> cache rename notice
         out = model.generate(
@@ -196,20 +197,21 @@ def test_hf_recompute_baseline():
     each token sees exactly the previous W tokens at positions 0..W-1 (checked against one fresh pass)."""
     model, ids = _tiny_llama(), _stream_tokens()
     window = 8
-    nll = hf_recompute_nll(model, ids, window, batch_size=5)
+    recompute = as_backend("llama", model).recompute_nll
+    nll = recompute(ids, window, batch_size=5)
     torch.testing.assert_close(nll[:window], hf_dense_nll(model, ids)[:window])
     i = 30  # target token 30 from tokens 22..29
     with torch.no_grad():
         logits = model(input_ids=ids[None, i - window : i]).logits[0, -1]
     assert nll[i - 1].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, ids[i]).item(), abs=1e-5)
-    short = hf_recompute_nll(model, ids[:6], window)  # text shorter than one window
+    short = recompute(ids[:6], window)  # text shorter than one window
     torch.testing.assert_close(short, hf_dense_nll(model, ids[:6]))
 
 
 def test_overlong_chunk_warns():
     """A single forward longer than the cache cannot follow the per-token protocol; the user must be told."""
     model = _tiny_neox()
-    cache = SinkCache(model, START, RECENT)
+    cache = HFSinkCache(model, START, RECENT)
     with pytest.warns(UserWarning, match="stream_prefill"):
         with torch.no_grad():
             model(input_ids=_stream_tokens()[None, :20], **{cache_kwarg(model): cache})
@@ -221,4 +223,4 @@ def test_rejects_unsupported_models():
 
     model = GPTJForCausalLM(GPTJConfig(vocab_size=32, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64))
     with pytest.raises(ValueError, match="gptj"):
-        SinkCache(model, 1, 4)
+        HFSinkCache(model, 1, 4)

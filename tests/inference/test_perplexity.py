@@ -84,7 +84,7 @@ def test_recompute_runs_each_window_from_scratch(text_ids):
 
 def test_recompute_equals_streaming_only_for_one_layer(text_ids):
     """With one layer, a 0+r window cache (which sees r + 1 tokens) equals re-computation over r + 1
-    tokens; with more layers the cached deeper states differ (DESIGN.md), so recompute is a
+    tokens; with more layers the cached deeper states differ (docs/design.md), so recompute is a
     different baseline and never a stand-in for the streaming reference."""
     ids, recent = text_ids[:90], 12
     one = make_model(layers=1)
@@ -115,8 +115,8 @@ def test_bad_api_input_is_a_clear_error(text_ids):
 
 @pytest.fixture(scope="module")
 def sink_checkpoint(tmp_path_factory):
-    """A tiny 1-sink-token model saved as an initial checkpoint (read by pretrain.convert.load_model)."""
-    from pretrain.init_checkpoint import save_init_checkpoint
+    """A tiny 1-sink-token model saved as an initial checkpoint (read by pretrain.checkpoints.load_model)."""
+    from pretrain.checkpoints.init_format import save_init_checkpoint
 
     model = make_model("softmax1", sink_tokens=1, layers=2)
     folder = tmp_path_factory.mktemp("ckpt") / "sink1"
@@ -164,7 +164,7 @@ def test_cli_writes_per_token_nll_and_summary(sink_checkpoint, book_text, text_i
 )
 def test_cli_bad_input(sink_checkpoint, tmp_path, capsys, args, message):
     """Bad options and missing files exit with status 2 and one clear line on stderr, no traceback."""
-    from inference.perplexity import main
+    from inference.stream_ppl import main
 
     folder, _ = sink_checkpoint
     argv = [a.format(missing=tmp_path / "nope", ckpt=folder) for a in args]
@@ -175,7 +175,7 @@ def test_cli_bad_input(sink_checkpoint, tmp_path, capsys, args, message):
 
 def test_cli_warns_when_start_size_drops_sinks(sink_checkpoint, tmp_path, capsys):
     """Streaming a 1-sink-token model with start_size 0 runs but warns that its sink will be evicted."""
-    from inference.perplexity import main
+    from inference.stream_ppl import main
 
     folder, _ = sink_checkpoint
     with pytest.warns(UserWarning, match="trained with 1 sink token"):

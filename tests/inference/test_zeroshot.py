@@ -68,7 +68,7 @@ def exports(tmp_path_factory):
     prepended by its post-processor, like ``sinklm convert`` writes) and an initial checkpoint."""
     from data.tokenizer import load_tokenizer
     from pretrain.hf_keymap import from_hf_state_dict
-    from pretrain.init_checkpoint import save_init_checkpoint
+    from pretrain.checkpoints.init_format import save_init_checkpoint
 
     root = tmp_path_factory.mktemp("zeroshot_models")
     config, model = _tiny_hf_model()
@@ -125,6 +125,38 @@ def test_tool_numbers_equal_direct_lm_eval(exports, tmp_path, capsys):
     assert raw["sinklm"]["model"]["sink_token_ids"] == [] and raw["sinklm"]["limit"] == 4
 
 
+def test_api_writes_what_the_cli_writes(exports, tmp_path, capsys):
+    """run_zeroshot (the API the experiment calls) with typed settings and named models must write
+    the same tables as the CLI given the same options as flags."""
+    from inference.zeroshot import ZeroShotSettings, main, run_zeroshot
+
+    settings = ZeroShotSettings(tasks=["winogrande"], limit=4.0, device="cpu", batch_size="4", dtype="fp32")
+    assert (settings.limit, settings.batch_size, settings.dtype) == (4, 4, "float32")  # normalised once
+    results = run_zeroshot({"hf": str(exports["vanilla"])}, settings, tmp_path / "api")
+    assert [(r.source.name, r.source.kind) for r in results] == [("hf", "hf")]
+    argv = [f"hf={exports['vanilla']}", "--tasks", "winogrande", "--limit", "4", "--device", "cpu", "--batch-size", "4"]
+    assert main([*argv, "--dtype", "float32", "--out", str(tmp_path / "cli")]) == 0, capsys.readouterr().err
+    for name in ("table.md", "table.csv"):
+        assert (tmp_path / "api" / name).read_text() == (tmp_path / "cli" / name).read_text(), name
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"limit": 0}, "--limit must be positive"),
+        ({"batch_size": "x"}, "--batch-size must be an int or 'auto'"),
+        ({"batch_size": 0}, "--batch-size must be >= 1"),
+        ({"dtype": "fp8"}, "--dtype: dtype 'fp8'"),
+        ({"tasks": ["nope"]}, "unknown task 'nope'"),
+    ],
+)
+def test_bad_settings_are_refused_when_built(fields, message):
+    from inference.zeroshot import ZeroShotError, ZeroShotSettings
+
+    with pytest.raises(ZeroShotError, match=message.replace("(", r"\(")):
+        ZeroShotSettings(**fields)
+
+
 @pytest.fixture(scope="module")
 def our_checkpoints(exports, tmp_path_factory):
     """The tiny weights as a sink1 training-run folder (DeepSpeed ZeRO-0 layout: config.yaml, latest,
@@ -133,9 +165,9 @@ def our_checkpoints(exports, tmp_path_factory):
     import yaml
 
     from pretrain.config import ModelConfig
-    from pretrain.convert import export_hf, read_checkpoint
+    from pretrain.checkpoints import export_hf, read_checkpoint
     from pretrain.hf_keymap import from_hf_state_dict
-    from pretrain.init_checkpoint import save_init_checkpoint
+    from pretrain.checkpoints.init_format import save_init_checkpoint
 
     root = tmp_path_factory.mktemp("zeroshot_ours")
     _, model = _tiny_hf_model()
@@ -174,7 +206,7 @@ def test_checkpoints_score_like_their_exports(exports, our_checkpoints, tmp_path
 def test_softmax1_checkpoint_runs_its_own_kernel(our_checkpoints):
     """The model lm-eval runs for a softmax1 checkpoint must compute softmax1 attention (our model's
     logits), not stock GPT-NeoX softmax on the same weights."""
-    from pretrain.convert import load_model
+    from pretrain.checkpoints import load_model
     from inference.zeroshot import build_lm, resolve_model
 
     lm = build_lm(resolve_model(str(our_checkpoints["init_softmax1"])), device="cpu", batch_size=1)

@@ -152,3 +152,20 @@ def test_module_api_is_not_shadowed(tiny_config):
     seen = []
     model.apply(lambda m: seen.append(type(m).__name__))
     assert "RotaryEmbedding" in seen and "GPTNeoX" in seen
+
+
+def test_hidden_states_is_the_trunk_of_forward():
+    """forward = lm_head(hidden_states): inference applies the head to the positions it scores only,
+    so the trunk must be exactly what forward runs (with a cache, and with attention weights)."""
+    torch.manual_seed(0)
+    model = GPTNeoX(ModelConfig.from_preset("tiny", num_layers=2)).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+        attentions: list[torch.Tensor] = []
+        hidden = model.hidden_states(ids, attentions=attentions)
+        cached = DenseCache()
+        stepped = torch.cat([model.hidden_states(ids[:, :5], cache=cached), model.hidden_states(ids[:, 5:], cache=cached)], 1)
+    assert torch.equal(out.hidden_states, hidden) and torch.equal(out.logits, model.lm_head(hidden))
+    assert len(attentions) == 2 and all(torch.equal(a, b) for a, b in zip(attentions, out.attentions))
+    torch.testing.assert_close(stepped, hidden, atol=1e-5, rtol=1e-5)

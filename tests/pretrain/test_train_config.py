@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import LATEST_FILE, STATE_FILE, check_same_shape, find_resume_point, prune_checkpoints
+from pretrain.checkpoints.training import LATEST_FILE, STATE_FILE, check_same_shape, find_resume_point, prune_checkpoints
 from pretrain.config import CONFIG_DIR, ConfigError, ModelConfig, load_yaml
 from pretrain.metrics import plot_losses, read_metrics, truncate_metrics
 from pretrain.model import GPTNeoX
+from pretrain.distributed import deepspeed_config, gradient_accumulation_steps
 from pretrain.optim import WarmupCosine, param_groups
-from pretrain.train_config import (
-    OptimizerConfig,
-    deepspeed_config,
-    gradient_accumulation_steps,
-    load_config_file,
-    resolve_config,
-)
+from pretrain.train_config import OptimizerConfig, resolve_config
 
 EXPERIMENTS = CONFIG_DIR / "experiments"
 
@@ -111,7 +106,7 @@ def test_circular_base_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
-        load_config_file(tmp_path / "a.yaml")
+        resolve_config([tmp_path / "a.yaml"])
 
 
 def test_deepspeed_json_gets_batch_precision_and_clipping():

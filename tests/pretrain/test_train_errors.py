@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pretrain.config import CONFIG_DIR
-from pretrain.train import main, split_overrides
+from pretrain.train import main
 
 QUICKSTART = str(CONFIG_DIR / "experiments" / "quickstart-vanilla.yaml")
 
@@ -85,10 +85,22 @@ def test_bad_values_and_cpu_precision(prepared_corpus, capsys):
         assert rc == 2 and "train.precision=fp16 needs a GPU" in err
 
 
-def test_split_overrides_accepts_both_forms():
-    """`--a.b=c` and `--a.b c` are overrides; other flags are left to argparse."""
-    rest, overrides = split_overrides(["x.yaml", "--train.lr=1", "--train.max_steps", "5", "--fresh"])
-    assert rest == ["x.yaml", "--fresh"] and overrides == ["train.lr=1", "train.max_steps=5"]
+def test_overrides_in_both_forms(prepared_corpus, capsys):
+    """`--a.b=c` and `--a.b c` are overrides; other flags (here --print-config) are left to argparse."""
+    import yaml
+
+    assert main([QUICKSTART, f"--data.path={prepared_corpus}", "--train.max_steps", "5", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 5
+    rc, err = run_main(capsys, QUICKSTART, f"--data.path={prepared_corpus}", "--train.max_steps")
+    assert rc == 2 and "--train.max_steps has no value" in err
+
+
+def test_probe_needs_an_evaluation_function(prepared_corpus, tmp_path, capsys):
+    """`python -m pretrain.train` has no probe function (pretrain never imports inference): a run
+    asking for the probe must stop before any work and say which command has one."""
+    rc, err = run_main(capsys, QUICKSTART, f"--data.path={prepared_corpus}", f"--train.run_dir={tmp_path / 'run'}", "--probe.every=2")
+    assert rc == 2 and "probe.every=2 needs an evaluation function" in err and "sinklm train" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_print_config(prepared_corpus, capsys):

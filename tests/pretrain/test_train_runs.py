@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, SAVE_EVERY = 8, 4
+# the installed console entry point, as launch/*.sh run it (it gives the trainer its probe function)
+SINKLM = shutil.which("sinklm", path=str(Path(sys.executable).parent)) or shutil.which("sinklm") or "sinklm"
 
 
 def free_port() -> int:
@@ -56,9 +59,10 @@ def train_args(data_dir: Path, run_dir: Path, variant: str = "vanilla", *extra: 
 def launch(args: list[str], log: Path, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``sinklm train`` under torchrun (or as one plain process) in its own process group."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "pretrain.train", *args]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        cmd = [*torchrun, "--no-python", SINKLM, "train", *args]
     else:
-        cmd = [sys.executable, "-m", "pretrain.train", *args]
+        cmd = [SINKLM, "train", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -241,9 +245,9 @@ def test_kill_during_checkpoint_save(prepared_corpus, zero2_run, tmp_path):
 
 
 def test_sink_logit_single_process_zero0(prepared_corpus, tmp_path):
-    """A plain `python -m pretrain.train` (no launcher: world of one) with ZeRO-0 trains the
-    sink_logit variant; its per-head logits b_h learn (they receive gradient through the kernel);
-    the streaming-perplexity probe runs on schedule."""
+    """A plain `sinklm train` (no launcher: world of one) with ZeRO-0 trains the sink_logit
+    variant; its per-head logits b_h learn (they receive gradient through the kernel); the
+    streaming-perplexity probe (the function `sinklm train` hands the trainer) runs on schedule."""
     import torch
 
     run_dir = tmp_path / "sink-logit"
@@ -279,3 +283,32 @@ def test_resume_refuses_other_model_shape(zero2_run, prepared_corpus, tmp_path, 
     args = train_args(prepared_corpus, tmp_path / "other", "vanilla", f"--train.resume={zero2_run}")
     assert main(args) == 2
     assert "written by 2 process(es); this run has 1" in capsys.readouterr().err
+
+
+def test_init_from_starts_from_those_weights(prepared_corpus, tmp_path):
+    """`train.init_from` loads an initial checkpoint before DeepSpeed starts: a run from the weights
+    that seed 999 draws trains exactly like a run initialised with seed 999; an initial checkpoint
+    of another shape is refused before any step, naming the fields."""
+    import torch
+
+    from pretrain.checkpoints.init_format import save_init_checkpoint
+    from pretrain.model import GPTNeoX
+    from pretrain.train_config import resolve_config
+
+    short = ["--deepspeed.config=zero0", "--train.max_steps=2", "--checkpoint.every=0", "--logging.plot=false"]
+    args = train_args(prepared_corpus, tmp_path / "unused", "vanilla", *short)
+    model_cfg = resolve_config(args[:1], [a[2:] for a in args[1:]]).model
+    torch.manual_seed(999)
+    save_init_checkpoint(tmp_path / "init", model_cfg, GPTNeoX(model_cfg).state_dict())
+    run_to_end([*args, f"--train.run_dir={tmp_path / 'from-init'}", f"--train.init_from={tmp_path / 'init'}"], tmp_path / "a.log", nproc=1)
+    run_to_end([*args, f"--train.run_dir={tmp_path / 'seed-999'}", "--train.seed=999"], tmp_path / "b.log", nproc=1)
+    got, want = records(tmp_path / "from-init"), records(tmp_path / "seed-999")
+    assert [r["step"] for r in got] == [1, 2]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6, abs=1e-6)
+
+    wide = model_cfg.__class__.from_dict({**model_cfg.to_dict(), "hidden_size": 128})
+    save_init_checkpoint(tmp_path / "wide", wide, GPTNeoX(wide).state_dict())
+    log = tmp_path / "wide.log"
+    proc = launch([*args, f"--train.run_dir={tmp_path / 'from-wide'}", f"--train.init_from={tmp_path / 'wide'}"], log, nproc=1)
+    assert proc.wait(timeout=240) == 2
+    assert "train.init_from" in log.read_text() and "hidden_size: checkpoint 128 vs config 64" in log.read_text()

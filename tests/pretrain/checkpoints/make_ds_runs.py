@@ -1,6 +1,6 @@
 """Write real DeepSpeed run folders for the convert tests (run under ``torchrun``, CPU, gloo).
 
-Usage: ``torchrun --nproc_per_node 2 tests/pretrain/make_ds_runs.py OUT STAGE:VARIANT ...``
+Usage: ``torchrun --nproc_per_node 2 tests/pretrain/checkpoints/make_ds_runs.py OUT STAGE:VARIANT ...``
 with VARIANT one of ``vanilla``, ``sink1``, ``sink2``, ``softmax1``, ``sink_logit``.
 
 For each spec it builds a tiny :class:`GPTNeoX`, wraps it with ``deepspeed.initialize`` at that ZeRO

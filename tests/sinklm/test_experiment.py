@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError
-from pretrain.experiment import load_experiment, main
+from data.settings import ConfigError
+from sinklm.experiment import load_experiment, main
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "quickstart.yaml"
 
@@ -17,14 +17,18 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "
 def _shrunk(report: Path) -> list[str]:
     return [
         f"report_dir={report}",
-        "prepare_args=[--max-docs, '3', --workers, '1', --no-progress]",
+        "prepare.max_docs=3",
+        "prepare.workers=1",
+        "prepare.progress=false",
         "train_overrides=[train.max_steps=6, train.eval_every=3, train.eval_batches=2, checkpoint.every=3, logging.log_every=2, logging.progress_bar=false]",
         "compare.cache_size=32",
         "compare.max_tokens=600",
         "compare.dense_max_tokens=300",
         "compare.recompute_max_tokens=80",
         "compare.chunk_size=128",
-        "compare.extra_args=[--sink-inputs, '4', --map-inputs, '4', --no-progress]",
+        "compare.sink_inputs=4",
+        "compare.map_inputs=4",
+        "compare.progress=false",
         "zeroshot.tasks=[arc_easy]",
         "zeroshot.limit=4",
     ]
@@ -76,6 +80,25 @@ def test_report_tables_equal_the_individual_commands(quickstart_report, tmp_path
     index = (r / "index.md").read_text()
     for name, metric in sinks.items():
         assert f"| {name} | {metric['sink_rate']:.1%} |" in index
+
+
+@pytest.mark.slow
+def test_report_tables_equal_direct_api_calls(quickstart_report, tmp_path):
+    """Prevents: the experiment's in-process stages drifting from the Python APIs a user calls
+    (the experiment passes its typed settings straight to run_compare / run_zeroshot)."""
+    from inference.compare import CompareSettings, run_compare
+    from inference.zeroshot import ZeroShotSettings, run_zeroshot
+
+    r = quickstart_report
+    models = {v: str(r / "exports" / v) for v in ("vanilla", "softmax1", "sink1")}
+    settings = CompareSettings(cache_size=32, max_tokens=600, dense_max_tokens=300, recompute_max_tokens=80, chunk_size=128,
+                               sink_inputs=4, map_inputs=4, progress=False)
+    result = run_compare(models, settings, output_dir=tmp_path / "cmp")
+    for name in ("table.csv", "sinks.csv", "table.md"):
+        assert (tmp_path / "cmp" / name).read_text() == (r / "compare" / name).read_text(), name
+    assert result.to_csv() == (r / "compare" / "table.csv").read_text()
+    run_zeroshot(models, ZeroShotSettings(tasks=["arc_easy"], limit=4, trust_remote_code=True), tmp_path / "zs")
+    assert (tmp_path / "zs" / "table.md").read_text() == (r / "zeroshot" / "table.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints that survive a kill at any moment.
+"""Training save/resume: DeepSpeed checkpoints that survive a kill at any moment.
 
 Run folder layout::
 
@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from data.version import __version__
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,7 @@ def check_same_shape(saved_model: dict[str, Any], model: ModelConfig, where: str
 
 def code_version() -> str:
     """Package version plus the git commit (with ``+dirty``) when run from a checkout."""
-    from sinklm import __version__
-
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5

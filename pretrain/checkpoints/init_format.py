@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from pretrain.checkpoints.training import check_same_shape
 from pretrain.config import ConfigError, ModelConfig, load_yaml
 
 CONFIG_FILE = "model.yaml"
@@ -34,14 +35,34 @@ def is_init_checkpoint(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def load_init_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_init_config(folder: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of an initial checkpoint (its ``model.yaml``); no weights read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"initial checkpoint folder not found: {folder}")
     if not is_init_checkpoint(folder):
         raise ConfigError(f"{folder} is not an initial checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        config = ModelConfig.from_dict(load_yaml(folder / CONFIG_FILE))
+        return ModelConfig.from_dict(load_yaml(folder / CONFIG_FILE))
     except ConfigError as err:
         raise ConfigError(f"{folder / CONFIG_FILE}: {err}") from None
-    return config, load_file(str(folder / WEIGHTS_FILE))
+
+
+def load_init_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    config = read_init_config(folder)
+    return config, load_file(str(Path(folder) / WEIGHTS_FILE))
+
+
+def check_init_for_training(path: str | Path) -> None:
+    """``train.init_from`` must name an initial checkpoint (checked before any work)."""
+    if not is_init_checkpoint(path):
+        raise ConfigError(f"train.init_from: {path} is not an initial checkpoint (needs {CONFIG_FILE} + {WEIGHTS_FILE})")
+
+
+def load_init_for_training(path: str | Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights ``train.init_from`` starts from, refused (ConfigError naming the fields) when the
+    checkpoint's shape differs from the run's model config."""
+    check_init_for_training(path)
+    init_config, state = load_init_checkpoint(path)
+    check_same_shape(init_config.to_dict(), model_config, f"train.init_from {path}")
+    return state

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pretrain.report import ModelResult, summarise
+from sinklm.summary import ModelResult, summarise
 
 
 def test_summary_without_sink_says_so_and_points_to_paper_scale():
