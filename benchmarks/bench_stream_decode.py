@@ -2,7 +2,10 @@
 
 For each cache size W (default 256, 512, 1024, 2048) the same model decodes one token at a time:
 
-- ``stream``:    SinkCache(4, W - 4), already full and wrapping (the steady state of an endless stream);
+- ``step``:      the same cache as a fixed-shape decode step (:class:`inference.decode_step.DecodeStep`:
+                 device-side bookkeeping; ``--decode graph`` replays one CUDA graph per token, the
+                 default on CUDA; ``compile`` = torch.compile; ``eager`` elsewhere); what sessions run;
+- ``stream``:    SinkCache(4, W - 4), already full and wrapping, fed token by token (the general path);
 - ``recompute``: the paper's oracle baseline: a fresh forward over the last W tokens for every token;
 - ``dense``:     an unbounded cache holding W tokens (the cost of attending to W tokens, no eviction).
 
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.cache import SinkCache  # noqa: E402
+from inference.decode_step import MODES, DecodeStep, StaticSinkCache  # noqa: E402
 from pretrain.checkpoints import DTYPES  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.model import GPTNeoX  # noqa: E402
@@ -53,6 +57,18 @@ def time_stream(model, cache, ids, steps) -> float:
 
 
 @torch.no_grad()
+def time_step(step: DecodeStep, ids, steps) -> float:
+    """Seconds per token through the fixed-shape decode step."""
+    device = ids.device
+    sync(device)
+    began = time.perf_counter()
+    for t in range(steps):
+        step(ids[:, t])
+    sync(device)
+    return (time.perf_counter() - began) / steps
+
+
+@torch.no_grad()
 def time_recompute(model, ids, window, steps) -> float:
     """Seconds per token when every token re-runs the model over its last ``window`` tokens."""
     device = ids.device
@@ -66,48 +82,54 @@ def time_recompute(model, ids, window, steps) -> float:
 
 
 @torch.no_grad()
-def decode_comparison(model, sizes, steps, rounds, device, start_size) -> list[dict]:
+def decode_comparison(model, sizes, steps, rounds, device, start_size, mode="eager", batch=1) -> list[dict]:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     rows = []
     for window in sizes:
-        total = 2 * window + steps * rounds + 16
-        ids = torch.randint(0, vocab, (1, total), generator=gen).to(device)
+        total = 2 * window + 2 * steps * rounds + 16
+        ids = torch.randint(0, vocab, (batch, total), generator=gen).to(device)
         stream = SinkCache(start_size, window - start_size)
         model.hidden_states(ids[:, : window + 8], cache=stream)  # full and already evicting
+        step = DecodeStep(model, StaticSinkCache.from_sink_cache(model, stream), mode)
         dense = SinkCache(0, None)
         model.hidden_states(ids[:, :window], cache=dense)
-        times: dict[str, list[float]] = {"stream": [], "recompute": [], "dense": []}
+        times: dict[str, list[float]] = {"step": [], "stream": [], "recompute": [], "dense": []}
         offset = window + 8
-        time_stream(model, stream, ids[:, offset:], 2)  # warm-up (allocator, kernels)
-        offset += 2
+        time_step(step, ids[:, offset:], 3)  # warm-up (allocator, kernels, capture or compile)
+        time_stream(model, stream, ids[:, offset:], 3)
+        offset += 3
         for _ in range(rounds):
+            times["step"].append(time_step(step, ids[:, offset:], steps))
             times["stream"].append(time_stream(model, stream, ids[:, offset:], steps))
             times["recompute"].append(time_recompute(model, ids[:, offset - window + 1 :], window, steps))
             times["dense"].append(time_stream(model, dense, ids[:, offset:], steps))
             offset += steps
         row = {"cache": window, **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()}}
+        row["recompute_over_step"] = row["recompute_ms"] / row["step_ms"]
         row["recompute_over_stream"] = row["recompute_ms"] / row["stream_ms"]
+        row["stream_over_step"] = row["stream_ms"] / row["step_ms"]
         row["dense_over_stream"] = row["dense_ms"] / row["stream_ms"]
         rows.append(row)
         print(
-            f"cache {window:5d}: stream {row['stream_ms']:8.3f} ms/tok  recompute {row['recompute_ms']:8.3f}  "
-            f"dense {row['dense_ms']:8.3f}",
+            f"cache {window:5d}: step ({mode}) {row['step_ms']:8.3f} ms/tok  stream {row['stream_ms']:8.3f}  "
+            f"recompute {row['recompute_ms']:8.3f}  dense {row['dense_ms']:8.3f}",
             flush=True,
         )
     return rows
 
 
 @torch.no_grad()
-def flat_latency(model, tokens, start_size, recent_size, device) -> dict:
-    """Per-token times over a long stream: first 10% after the cache fills vs the last 10%."""
-    cache = SinkCache(start_size, recent_size)
+def flat_latency(model, tokens, start_size, recent_size, device, mode="eager") -> dict:
+    """Per-token times of the decode step over a long stream: first 10% after the cache fills vs the last 10%."""
+    cache = StaticSinkCache(model, 1, start_size, recent_size)
+    step = DecodeStep(model, cache, mode)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
     per_token = []
     for t in range(tokens):
         sync(device)
         began = time.perf_counter()
-        model(ids[:, t : t + 1], cache=cache)
+        step(ids[:, t])
         sync(device)
         per_token.append(time.perf_counter() - began)
     filled = start_size + recent_size + 1
@@ -120,7 +142,7 @@ def flat_latency(model, tokens, start_size, recent_size, device) -> dict:
         "first10_ms": 1000 * first,
         "last10_ms": 1000 * last,
         "last_over_first": last / first,
-        "cache_bytes": cache.nbytes(),
+        "cache_bytes": sum(b.numel() * b.element_size() for b in cache.buffers()),
     }
 
 
@@ -137,36 +159,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--decode", choices=MODES, default=None, help="the step's mode (default: graph on CUDA, eager on CPU)")
+    parser.add_argument("--batch", type=int, default=1, help="streams decoded in lockstep")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    mode = args.decode or ("graph" if device.type == "cuda" else "eager")
     dtype = DTYPES[args.dtype]
     sizes = [int(s) for s in args.sizes.split(",")]
 
     torch.manual_seed(0)
     model = GPTNeoX(ModelConfig.from_preset(args.shape, max_seq_len=max(max(sizes), 2048))).to(device, dtype).eval()
     print(f"decode latency, {args.shape} ({model.num_params() / 1e6:.1f}M params), {device} {args.dtype}, "
-          f"median of {args.rounds} rounds x {args.steps} tokens", flush=True)
-    rows = decode_comparison(model, sizes, args.steps, args.rounds, device, args.start_size)
+          f"median of {args.rounds} rounds x {args.steps} tokens, batch {args.batch}, step mode {mode}, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    rows = decode_comparison(model, sizes, args.steps, args.rounds, device, args.start_size, mode, args.batch)
 
     flat = None
     if args.flat_tokens:
         small = GPTNeoX(ModelConfig.from_preset(args.flat_shape)).to(device, dtype).eval()
         print(f"flat latency: {args.flat_tokens:,} tokens through {args.flat_shape}, cache "
               f"{args.start_size}+{args.flat_cache - args.start_size} ...", flush=True)
-        flat = flat_latency(small, args.flat_tokens, args.start_size, args.flat_cache - args.start_size, device)
+        flat = flat_latency(small, args.flat_tokens, args.start_size, args.flat_cache - args.start_size, device, mode)
 
     print("\nratios (per-token latency; > 1 means the streaming cache is faster)")
     for row in rows:
-        print(f"  cache {row['cache']:5d}: recompute / stream = {row['recompute_over_stream']:6.1f}x   "
+        print(f"  cache {row['cache']:5d}: recompute / step = {row['recompute_over_step']:6.1f}x   recompute / stream = "
+              f"{row['recompute_over_stream']:6.1f}x   stream / step = {row['stream_over_step']:5.2f}x   "
               f"dense / stream = {row['dense_over_stream']:5.2f}x")
     if flat is not None:
         print(f"  flat: last 10% / first 10% per-token time = {flat['last_over_first']:.3f} "
               f"({flat['first10_ms']:.3f} -> {flat['last10_ms']:.3f} ms over {flat['tokens']:,} tokens; "
               f"cache {flat['cache_bytes']:,} bytes)")
-    result = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "decode": rows, "flat": flat}
+    result = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "batch": args.batch, "step_mode": mode, "decode": rows, "flat": flat}
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

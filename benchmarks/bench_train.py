@@ -4,6 +4,13 @@ Every configuration does the same work per step: forward on (batch, seq) tokens,
 cross-entropy over the padded vocabulary, backward, AdamW step (betas 0.9/0.95, wd 0.1), in the
 same process, interleaved round by round so a busy machine slows every contender alike. Reports
 the median tokens/s per configuration, the ratio ours / HF, and softmax1 / sink_logit vs vanilla.
+Our model's loss is the chunked one training uses (``model(ids, labels=...)``, no full logits);
+``--full-logits`` adds ``sinklm softmax full-logits`` (the old path: ``lm_loss`` of the logits)
+for the ratio between the two, and with ``--deepspeed`` both run inside the DeepSpeed engine too.
+
+    # the quickstart's shape (tiny, 8 x 256, fp32, ZeRO-0), old loss vs new, back to back:
+    python benchmarks/bench_train.py --shape tiny --seq 256 --batch 8 --variants softmax --no-hf \
+        --full-logits --deepspeed --deepspeed-stages 0 --steps 10
 
     python benchmarks/bench_train.py                                  # CPU: tiny and pythia-14m
     python benchmarks/bench_train.py --device cuda --shape pythia-160m --dtype bf16 --seq 2048 --batch 8
@@ -43,6 +50,7 @@ class Contender:
     tokens_per_step: int
     flops_per_token: float
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per step (all threads)
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,7 +68,14 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-def ours(cfg: ModelConfig, batch: torch.Tensor, device: torch.device, dtype: str, compile_model: bool):
+def loss_of(forward, inputs: torch.Tensor, labels: torch.Tensor, full_logits: bool) -> torch.Tensor:
+    """Training's loss (chunked through the head), or the old full-logits one."""
+    if full_logits:
+        return lm_loss(forward(inputs).logits, labels)
+    return forward(inputs, labels=labels).loss
+
+
+def ours(cfg: ModelConfig, batch: torch.Tensor, device: torch.device, dtype: str, compile_model: bool, full_logits: bool = False):
     model = GPTNeoX(cfg).to(device).train()
     forward = torch.compile(model) if compile_model else model
     opt = make_optimizer(model, device)
@@ -68,7 +83,7 @@ def ours(cfg: ModelConfig, batch: torch.Tensor, device: torch.device, dtype: str
 
     def step() -> None:
         with autocast(device, dtype):
-            loss = lm_loss(forward(inputs).logits, labels)
+            loss = loss_of(forward, inputs, labels, full_logits)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,7 +114,7 @@ def huggingface(cfg: ModelConfig, batch: torch.Tensor, device: torch.device, dty
     return step
 
 
-def ours_deepspeed(cfg: ModelConfig, batch: torch.Tensor, stage: int):
+def ours_deepspeed(cfg: ModelConfig, batch: torch.Tensor, stage: int, full_logits: bool = False):
     """Our model inside a DeepSpeed engine (world of one, fp32 on CPU): the `sinklm train` path."""
     import os
 
@@ -122,7 +137,7 @@ def ours_deepspeed(cfg: ModelConfig, batch: torch.Tensor, stage: int):
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
     def step() -> None:
-        loss = lm_loss(engine(inputs).logits, labels)
+        loss = loss_of(engine, inputs, labels, full_logits)
         engine.backward(loss)
         engine.step()
 
@@ -149,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed", action="store_true", help="also time our model inside a DeepSpeed engine (CPU)")
     parser.add_argument("--deepspeed-stages", type=int, nargs="+", default=[1], help="ZeRO stages for --deepspeed (default: 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--full-logits", action="store_true", help="also time our vanilla model with the old full-logits loss")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -179,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.variants:
             cfg = ModelConfig.from_dict({**base.to_dict(), "attention": kind})
             contenders.append(Contender(f"sinklm {kind}", shape, ours(cfg, batch, device, dtype, args.compile), tokens, cfg.flops_per_token(seq)))
+        if args.full_logits:
+            step = ours(base, batch, device, dtype, args.compile, full_logits=True)
+            contenders.append(Contender("sinklm softmax full-logits", shape, step, tokens, base.flops_per_token(seq)))
         if not args.no_hf:
             contenders.append(Contender("HF GPTNeoX", shape, huggingface(base, batch, device, dtype, args.compile), tokens, base.flops_per_token(seq)))
         if args.deepspeed and not gpu:
             for stage in args.deepspeed_stages:
                 step = ours_deepspeed(base, batch.cpu(), stage=stage)
                 contenders.append(Contender(f"sinklm softmax +DS ZeRO-{stage}", shape, step, tokens, base.flops_per_token(seq)))
+                if args.full_logits:
+                    step = ours_deepspeed(base, batch.cpu(), stage=stage, full_logits=True)
+                    contenders.append(Contender(f"sinklm softmax full-logits +DS ZeRO-{stage}", shape, step, tokens, base.flops_per_token(seq)))
 
     print(
         f"# {device.type} {torch.cuda.get_device_name(device) if gpu else ''} torch {torch.__version__} threads "
@@ -199,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         for contender in contenders:
             for _ in range(steps):
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 contender.step()
                 sync(device)
                 contender.times.append(time.perf_counter() - t0)
+                contender.cpu_times.append(time.process_time() - c0)
 
     results = []
-    print(f"{'shape':<12} {'model':<28} {'tokens/s':>12} {'ms/step':>9} {'vs HF':>7} {'vs vanilla':>10}" + ("   MFU" if peak_tflops else ""))
+    print(f"{'shape':<12} {'model':<40} {'tokens/s':>10} {'ms/step':>9} {'cpu ms':>9} {'vs HF':>7} {'vs vanilla':>10}" + ("   MFU" if peak_tflops else ""))
     for shape in shapes:
         group = {c.name: c for c in contenders if c.shape == shape}
         hf = group.get("HF GPTNeoX")
@@ -217,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model": c.name,
                 "tokens_per_s": round(tps, 1),
                 "ms_per_step": round(1000 * statistics.median(c.times), 2),
+                # CPU seconds the process spent per step: on a shared machine, steadier than wall time
+                "cpu_ms_per_step": round(1000 * statistics.median(c.cpu_times), 2),
                 "vs_hf": round(tps / hf.tokens_per_second, 3) if hf else None,
                 "vs_vanilla": round(vanilla.tokens_per_second / tps, 3) if vanilla and c.name.startswith("sinklm") else None,
                 "mfu": round(tps * c.flops_per_token / (peak_tflops * 1e12), 4) if peak_tflops else None,
@@ -225,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             vs_hf = f"{row['vs_hf']:.2f}x" if row["vs_hf"] else ""
             overhead = f"{row['vs_vanilla']:.3f}" if row["vs_vanilla"] else ""
             mfu = f" {100 * row['mfu']:5.1f}%" if row["mfu"] is not None else ""
-            print(f"{shape:<12} {c.name:<28} {tps:>12,.0f} {row['ms_per_step']:>9.1f} {vs_hf:>7} {overhead:>10}{mfu}")
+            print(f"{shape:<12} {c.name:<40} {tps:>10,.0f} {row['ms_per_step']:>9.1f} {row['cpu_ms_per_step']:>9.1f} {vs_hf:>7} {overhead:>10}{mfu}")
     print("(vs HF: our tokens/s / HF's, >1 = faster; vs vanilla: time per step / vanilla's, >1 = overhead)")
     if args.json:
-        args.json.write_text(json.dumps({"device": device.type, "dtype": dtype, "seq": seq, "batch": batch_size, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"device": device.type, "threads": torch.get_num_threads(), "dtype": dtype, "seq": seq, "batch": batch_size, "results": results}, indent=1))
     return 0
 
 

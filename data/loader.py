@@ -38,9 +38,45 @@ import numpy as np
 import torch
 
 from data.shards import MANIFEST_NAME, DataError, TokenStream, read_manifest
+from data.verify import verify_data
 
 IGNORE_INDEX = -100
 STATE_VERSION = 1
+
+
+def sink_batch(windows: np.ndarray, sinks: np.ndarray) -> dict[str, torch.Tensor]:
+    """The module docstring's sample layout for ``windows`` (``(B, n + 1)`` int64 text tokens each) and
+    ``k = len(sinks)`` sink ids: ``{"input_ids", "labels"}``, both ``(B, k + n)`` int64."""
+    k, n = len(sinks), windows.shape[1] - 1
+    inputs = np.empty((len(windows), k + n), dtype=np.int64)
+    labels = np.empty((len(windows), k + n), dtype=np.int64)
+    inputs[:, :k] = sinks
+    inputs[:, k:] = windows[:, :n]
+    if k:
+        labels[:, : k - 1] = IGNORE_INDEX
+        labels[:, k - 1 :] = windows
+        # A sink id inside the text stream (only possible with foreign shards) must never be a target.
+        labels[np.isin(labels, sinks)] = IGNORE_INDEX
+    else:
+        labels[:] = windows[:, 1:]
+    return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+
+
+def check_rank_split(micro_batch_size: int, rank: int, world_size: int) -> None:
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+
+
+def check_resume_identity(state: dict[str, Any], mine: dict[str, Any], data: str) -> None:
+    """Refuse a loader state saved for other data or another data config (keys absent from it pass)."""
+    for key, value in mine.items():
+        if key in state and state[key] != value:
+            raise DataError(
+                f"cannot resume the loader: {key} was {state[key]!r} in the checkpoint but is {value!r} now "
+                f"({data} or the data config changed)"
+            )
 
 
 class SampleLoader:
@@ -68,10 +104,7 @@ class SampleLoader:
         self.sink_ids = [int(s) for s in sink_ids]
         k = len(self.sink_ids)
         self.text_tokens = seq_len - k if text_tokens is None else int(text_tokens)
-        if micro_batch_size < 1:
-            raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        check_rank_split(micro_batch_size, rank, world_size)
         if self.text_tokens < 1:
             raise DataError(f"seq_len={seq_len} with {k} sink token(s) leaves {self.text_tokens} text tokens per sample; need >= 1")
         if k + self.text_tokens > seq_len:
@@ -102,6 +135,7 @@ class SampleLoader:
             raise DataError(f"sink ids {self.sink_ids} exceed the model's {model_vocab_size} embedding rows")
 
         self.stream = TokenStream(self.data_dir, split, self.manifest)
+        verify_data(self.data_dir, [split], self.manifest, progress=False)  # sha256 and ids < vocab, cached
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size = rank, world_size
@@ -152,22 +186,10 @@ class SampleLoader:
         return self.stream[start : start + self.text_tokens + 1]
 
     def build_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        k, n = len(self.sink_ids), self.text_tokens
-        inputs = np.empty((len(indices), k + n), dtype=np.int64)
-        labels = np.empty((len(indices), k + n), dtype=np.int64)
+        windows = np.empty((len(indices), self.text_tokens + 1), dtype=np.int64)
         for row, index in enumerate(indices):
-            tokens = self.window(index)  # (n + 1,)
-            inputs[row, :k] = self._sinks
-            inputs[row, k:] = tokens[:n]
-            if k:
-                labels[row, : k - 1] = IGNORE_INDEX
-                labels[row, k - 1 :] = tokens
-            else:
-                labels[row] = tokens[1:]
-        if k:
-            # A sink id inside the text stream (only possible with foreign shards) must never be a target.
-            labels[np.isin(labels, self._sinks)] = IGNORE_INDEX
-        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+            windows[row] = self.window(index)
+        return sink_batch(windows, self._sinks)
 
     # ---------------------------------------------------------------------------------------
     # iteration + state
@@ -225,13 +247,7 @@ class SampleLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
-        mine = self._identity()
-        for key, value in mine.items():
-            if key in state and state[key] != value:
-                raise DataError(
-                    f"cannot resume the loader: {key} was {state[key]!r} in the checkpoint but is {value!r} now "
-                    f"(data in {self.data_dir} or the data config changed)"
-                )
+        check_resume_identity(state, self._identity(), f"data in {self.data_dir}")
         samples = int(state["samples_in_epoch"])
         if samples % self.global_batch_size:
             raise DataError(

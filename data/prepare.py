@@ -29,19 +29,22 @@ from collections.abc import Mapping, Sequence
 from data.version import __version__
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from data.outputs import building, check_output_folder
+from data.settings import ArgumentParser, ConfigError, add_settings_args, at_least, field_docs, settings_from_args
 from data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
     DataError,
+    read_manifest,
     token_dtype,
     write_json_atomic,
 )
-from data.settings import ConfigError, add_settings_args, field_docs, settings_from_args
-from data.sources import BundledSource, FilesSource, HFDatasetSource, Source, TextsSource
+from data.sources import ENCODING_ERRORS, BundledSource, FilesSource, HFDatasetSource, Source, TextsSource
 from data.tokenizing import SplitStats, SplitWriter, init_worker, text_tokenizer, tokenize_split
+from data.verify import VERIFIED_NAME
 
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256M tokens = 512 MB of uint16 per shard
 
@@ -72,17 +75,29 @@ def _as_source(value: Source | Sequence[str]) -> Source:
     return TextsSource(list(value))
 
 
-def _clear_previous(out_dir: Path, splits: Sequence[str], overwrite: bool) -> None:
-    manifest = out_dir / MANIFEST_NAME
-    if manifest.exists():
-        if not overwrite:
-            raise DataError(f"{manifest} already exists: pass --overwrite (overwrite=True) to prepare {out_dir} again")
-        manifest.unlink()  # first, so the folder never looks complete while shards are replaced
-    for path in [*out_dir.glob("*.bin.tmp"), out_dir / f"{MANIFEST_NAME}.tmp"]:
-        path.unlink(missing_ok=True)
-    for split in splits:
-        for path in out_dir.glob(f"{split}-*.bin"):
-            path.unlink()
+PREPARED_KIND = "prepared data folder"
+
+
+def recognise_prepared(folder: Path) -> list[str]:
+    """The entries of ``folder`` that ``prepare`` did not write (all of them unless it holds a manifest of ours)."""
+    names = sorted(p.name for p in folder.iterdir())
+    try:
+        manifest = read_manifest(folder)
+    except DataError:
+        return names
+    ours = {MANIFEST_NAME, VERIFIED_NAME} | {e["file"] for split in manifest["splits"].values() for e in split["shards"]}
+    return [n for n in names if n not in ours and not (n.endswith(".bin.tmp") or n == f"{MANIFEST_NAME}.tmp")]
+
+
+def _short(source: Source) -> str:
+    if isinstance(source, FilesSource):
+        names = [str(p) for p in source.paths]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return str(source.describe().get("kind", type(source).__name__))
+
+
+def _input_paths(sources: Mapping[str, Source]) -> list[Path]:
+    return [p for s in sources.values() if isinstance(s, FilesSource) for p in s.paths]
 
 
 def prepare(
@@ -98,8 +113,12 @@ def prepare(
     """Tokenize ``splits`` ({split name: Source or list of document strings}; default: the bundled
     books' train/validation/stream-test) into ``out_dir``. ``tokenizer``: a spec for
     :func:`data.tokenizer.load_tokenizer` or a loaded fast tokenizer (sink tokens are ignored: shards
-    hold text only). ``workers``: tokenizer processes (<= 1: in this process). Returns the manifest
-    and per-split statistics (documents, tokens, seconds)."""
+    hold text only). ``workers``: tokenizer processes (1: in this process).
+
+    Everything is checked before any work; the folder is built as a temporary sibling and replaces
+    ``out_dir`` only once complete (:mod:`data.outputs`), so a failure leaves the old data as it was,
+    and ``overwrite`` replaces only an earlier prepared folder. Empty documents are skipped and
+    counted. Returns the manifest and per-split statistics (documents, tokens, seconds)."""
     from transformers import PreTrainedTokenizerFast
 
     from data.corpora import SPLIT_NAMES
@@ -115,7 +134,13 @@ def prepare(
             raise DataError(f"split name {name!r}: use letters, digits, '_', '.', '-'")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if workers is not None and workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"max_documents must be >= 1, got {max_documents}")
     sources = {name: _as_source(value) for name, value in splits.items()}
+    inputs = _input_paths(sources)
+    check_output_folder(out_dir, overwrite, PREPARED_KIND, recognise_prepared, inputs)  # before the tokenizer loads
     if isinstance(tokenizer, PreTrainedTokenizerFast):
         tok, spec = tokenizer, getattr(tokenizer, "name_or_path", None) or "in-memory"
     else:
@@ -128,8 +153,33 @@ def prepare(
     tokenizer_json, cut = text_only.json, text_only.cut
     workers = default_workers() if workers is None else workers
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out_dir, list(sources), overwrite)
+    with building(out_dir, overwrite, PREPARED_KIND, recognise_prepared, inputs) as tmp_dir:
+        result = _tokenize_into(tmp_dir, sources, tokenizer_json, cut, tok, dtype, workers, shard_tokens, max_documents, progress)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "created_by": f"sinklm {__version__}",
+            "tokenizer": {
+                "spec": spec,
+                "fingerprint": text_only.fingerprint,
+                "vocab_size": vocab_size,
+                "eos_id": int(tok.eos_token_id),
+                "eos_token": tok.eos_token,
+            },
+            "dtype": dtype.name,
+            "shard_tokens": shard_tokens,
+            "max_documents": max_documents,
+            "splits": result[0],
+        }
+        write_json_atomic(tmp_dir / MANIFEST_NAME, manifest)
+    return PrepareResult(manifest=manifest, stats=result[1], seconds=result[2])
+
+
+def _tokenize_into(
+    out_dir: Path, sources: Mapping[str, Source], tokenizer_json: str, cut: bool, tok: Any, dtype: Any,
+    workers: int, shard_tokens: int, max_documents: int | None, progress: bool,
+) -> tuple[dict[str, Any], dict[str, SplitStats], float]:
+    """Every split's shards in ``out_dir`` (a fresh folder); (manifest splits, stats, seconds)."""
     start = time.perf_counter()
     split_entries: dict[str, Any] = {}
     stats: dict[str, SplitStats] = {}
@@ -150,40 +200,22 @@ def prepare(
                     source, writer, tokenizer_json, cut, tok.eos_token_id, pool, workers, max_documents, progress, f"tokenize {name}"
                 )
             except BaseException:
-                # Leave nothing behind: a folder without a manifest is unusable anyway, stray shards only confuse.
                 writer.abort()
-                written = [e["file"] for e in writer.entries] + [e["file"] for v in split_entries.values() for e in v["shards"]]
-                for file in written:
-                    (out_dir / file).unlink(missing_ok=True)
                 raise
             entries = writer.close()
             if stats[name].documents == 0:
-                raise DataError(f"split {name!r}: the source {source.describe()} produced no documents")
+                raise DataError(
+                    f"split {name!r} ({_short(source)}): expected at least one document with text, found none "
+                    f"({stats[name].empty_skipped} empty document(s) skipped)"
+                )
             split_entries[name] = {
                 "source": source.describe(),
                 "documents": stats[name].documents,
+                "empty_documents_skipped": stats[name].empty_skipped,
                 "tokens": stats[name].tokens,
                 "shards": entries,
             }
-    seconds = time.perf_counter() - start
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "created_by": f"sinklm {__version__}",
-        "tokenizer": {
-            "spec": spec,
-            "fingerprint": text_only.fingerprint,
-            "vocab_size": vocab_size,
-            "eos_id": int(tok.eos_token_id),
-            "eos_token": tok.eos_token,
-        },
-        "dtype": dtype.name,
-        "shard_tokens": shard_tokens,
-        "max_documents": max_documents,
-        "splits": split_entries,
-    }
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
-    return PrepareResult(manifest=manifest, stats=stats, seconds=seconds)
+    return split_entries, stats, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +234,8 @@ class PrepareSettings:
     """Files/folders for split 'validation'."""
     text_field: str = "text"
     """Text field of .jsonl/.json/.parquet records and datasets."""
+    encoding_errors: Literal[ENCODING_ERRORS] = "strict"
+    """Bytes that are not UTF-8 in .jsonl/.json files: strict (an error naming file:line) or replace (with U+FFFD)."""
     dataset: str | None = None
     """A Hugging Face dataset instead of inputs: hub name, save_to_disk folder, or builder (json, parquet, text) with data_files."""
     dataset_config: str | None = None
@@ -218,11 +252,11 @@ class PrepareSettings:
     """Datasets cache folder (default: the HF datasets cache)."""
     tokenizer: str | None = None
     """tokenizer.json, tokenizer folder or hub name (default: bundled GPT-NeoX-20B)."""
-    workers: int = field(default_factory=default_workers)
+    workers: int = field(default_factory=default_workers, metadata=at_least(1))
     """Tokenizer processes (1 = in-process)."""
-    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    shard_tokens: int = field(default=DEFAULT_SHARD_TOKENS, metadata=at_least(1))
     """Max tokens per shard file."""
-    max_docs: int | None = None
+    max_docs: int | None = field(default=None, metadata=at_least(1))
     """Stop each split after this many documents (smoke tests)."""
     overwrite: bool = False
     """Replace an existing prepared folder."""
@@ -244,12 +278,12 @@ class PrepareSettings:
             if self.validation_split:
                 splits["validation"] = hf(self.validation_split)
             if self.validation:
-                splits["validation"] = FilesSource(self.validation, self.text_field)
+                splits["validation"] = FilesSource(self.validation, self.text_field, self.encoding_errors)
             return splits
         if self.inputs:
-            splits = {"train": FilesSource(self.inputs, self.text_field)}
+            splits = {"train": FilesSource(self.inputs, self.text_field, self.encoding_errors)}
             if self.validation:
-                splits["validation"] = FilesSource(self.validation, self.text_field)
+                splits["validation"] = FilesSource(self.validation, self.text_field, self.encoding_errors)
             return splits
         if self.validation or self.validation_split or self.data_files or self.streaming or self.cache_dir:
             raise DataError("--validation/--validation-split/--data-files/--streaming/--cache-dir need input files or --dataset")
@@ -271,7 +305,7 @@ def prepare_with(out_dir: str | Path, settings: PrepareSettings) -> PrepareResul
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm data prepare",
         description="Tokenize a corpus into memory-mapped token shards + manifest.json. With no inputs: "
         "the bundled Gutenberg books, split by book into train / validation / stream-test.",
@@ -294,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sinklm data prepare: error: {err}", file=sys.stderr)
         return 2
     for name, split in result.manifest["splits"].items():
-        print(f"{name:>12}: {split['documents']:>9,} documents {split['tokens']:>14,} tokens {len(split['shards']):>4} shard(s)")
+        empty = f" ({split['empty_documents_skipped']:,} empty skipped)" if split["empty_documents_skipped"] else ""
+        print(f"{name:>12}: {split['documents']:>9,} documents{empty} {split['tokens']:>14,} tokens {len(split['shards']):>4} shard(s)")
     print(
         f"wrote {Path(args.out) / MANIFEST_NAME}: {result.tokens:,} tokens in {result.seconds:.1f} s "
         f"= {result.tokens_per_second:,.0f} tokens/s with {args.workers} worker(s)"

@@ -98,6 +98,21 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def at_least(minimum: int | float) -> dict[str, Any]:
+    """Field metadata: ``field(default=..., metadata=at_least(1))`` makes smaller values an error
+    naming the key (or CLI flag), e.g. ``--workers -2``."""
+    return {"min": minimum}
+
+
+def check_field(field: dataclasses.Field, hint: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the field's type and its :func:`at_least` bound; errors name ``where``."""
+    value = _check_type(value, hint, where)
+    minimum = field.metadata.get("min")
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise ConfigError(f"{where}: expected a value >= {minimum}, found {value!r}")
+    return value
+
+
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -116,10 +131,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             + (f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
             + f"; valid keys of {cls.__name__}: {', '.join(sorted(names))}"
         )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
-        kwargs[key] = _check_type(value, hints[key], path)
+        kwargs[key] = check_field(fields[key], hints[key], value, path)
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -147,6 +163,8 @@ def to_dict(obj: Any) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -210,7 +228,11 @@ def load_config_file(
         raise ConfigError(f"{path}: base: expected a file name or a list of them, found {bases!r}")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge(merged, load_config_file(path.parent / base, normalize, merge, (*_seen, resolved)))
+        base_path = path.parent / base
+        if not base_path.is_file():
+            found = "a folder" if base_path.is_dir() else "no such file"
+            raise ConfigError(f"{path}: base: {base!r} -> {base_path}: expected a YAML file, found {found}")
+        merged = merge(merged, load_config_file(base_path, normalize, merge, (*_seen, resolved)))
     if normalize is not None:
         data = normalize(data, path)
     return merge(merged, data)
@@ -367,16 +389,28 @@ def add_settings_args(
         parser.add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)
 
 
-def settings_from_args(cls: type, args: argparse.Namespace, **override: Any) -> Any:
+def settings_from_args(
+    cls: type, args: argparse.Namespace, *, flags: dict[str, str] | None = None, **override: Any
+) -> Any:
     """The dataclass ``cls`` from parsed ``args`` (fields not on ``args`` keep their defaults);
-    ``override`` sets fields directly. Values are checked like a config file's."""
+    ``override`` sets fields directly. Values are checked like a config file's, and an error names
+    the flag (``flags`` as given to :func:`add_settings_args`)."""
     values: dict[str, Any] = {}
+    flags = flags or {}
     for field, hint in _settings_fields(cls):
         inner, _ = _optional_inner(hint)
         if field.name in override:
             values[field.name] = override[field.name]
         elif dataclasses.is_dataclass(inner) and not hasattr(args, field.name):
-            values[field.name] = settings_from_args(inner, args)
+            values[field.name] = settings_from_args(inner, args, flags=flags)
         elif hasattr(args, field.name):
-            values[field.name] = getattr(args, field.name)
+            flag = flags.get(field.name, "--" + field.name.replace("_", "-"))
+            values[field.name] = check_field(field, hint, getattr(args, field.name), flag)
     return from_dict(cls, values, where=getattr(cls, "config_section", ""))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``prog: error: ...``, exit status 2) instead of the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -169,9 +169,9 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             f"(`sinklm data prepare --out {data_dir}`), or the run was interrupted before finishing"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({' '.join(str(err).split())})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{path}: not a sinklm manifest (format {found!r}, expected {MANIFEST_FORMAT!r})")
@@ -179,10 +179,61 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise DataError(
             f"{path}: manifest version {manifest.get('version')!r}, this code reads version {MANIFEST_VERSION}"
         )
-    for key in ("tokenizer", "splits", "dtype"):
-        if key not in manifest:
-            raise DataError(f"{path}: manifest lacks the key {key!r}")
+    check_manifest_schema(manifest, path)
     return manifest
+
+
+# The fields every reader relies on: dotted path -> expected type ("*" = every entry of a mapping or list).
+_SCHEMA: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("tokenizer", dict),
+    ("tokenizer.vocab_size", int),
+    ("dtype", str),
+    ("splits", dict),
+    ("splits.*", dict),
+    ("splits.*.tokens", int),
+    ("splits.*.shards", list),
+    ("splits.*.shards.*", dict),
+    ("splits.*.shards.*.file", str),
+    ("splits.*.shards.*.tokens", int),
+    ("splits.*.shards.*.sha256", str),
+)
+_TYPE_NAMES = {dict: "a mapping", list: "a list", int: "an integer", str: "a string"}
+
+
+def _values_at(data: Any, keys: list[str], where: str) -> list[tuple[str, Any]]:
+    """(dotted location, value) for every value at ``keys`` below ``data`` ('*' fans out)."""
+    if not keys:
+        return [(where, data)]
+    key, rest = keys[0], keys[1:]
+    if key == "*":
+        items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+        return [hit for k, v in items for hit in _values_at(v, rest, f"{where}.{k}" if where else str(k))]
+    if not isinstance(data, dict) or key not in data:
+        return [(f"{where}.{key}" if where else key, _MISSING)]
+    return _values_at(data[key], rest, f"{where}.{key}" if where else key)
+
+
+_MISSING = object()
+
+
+def check_manifest_schema(manifest: dict[str, Any], path: Path) -> None:
+    """Every field readers use is present with the right type; else a DataError naming the field."""
+    for dotted, kind in _SCHEMA:
+        for where, value in _values_at(manifest, dotted.split("."), ""):
+            expected = _TYPE_NAMES[kind]  # type: ignore[index]
+            if value is _MISSING:
+                raise DataError(f"{path}: manifest field {where!r} is missing (expected {expected}); prepare the data again")
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise DataError(f"{path}: manifest field {where!r} is {value!r} (expected {expected})")
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: manifest field 'dtype' is {manifest['dtype']!r} (expected 'uint16' or 'uint32')")
+    if manifest["tokenizer"]["vocab_size"] < 1:
+        raise DataError(f"{path}: manifest field 'tokenizer.vocab_size' is {manifest['tokenizer']['vocab_size']} (expected >= 1)")
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            name = shard["file"]
+            if Path(name).name != name or not name.endswith(".bin"):
+                raise DataError(f"{path}: splits.{split}: shard file {name!r} is not a .bin name inside the data folder")
 
 
 class TokenStream:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,32 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+ENCODING_ERRORS = ("strict", "replace")
+"""How undecodable bytes in a UTF-8 record file are handled: an error naming file:line (the default),
+or U+FFFD in their place (``--encoding-errors replace``, only when asked)."""
+
+
+def decode_utf8(raw: bytes, where: str, errors: str = "strict", first_line: int = 1) -> str:
+    """UTF-8 bytes -> text; bad bytes raise :class:`DataError` naming ``where:line`` unless ``errors='replace'``."""
+    try:
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{where}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            "fix the file, or pass --encoding-errors replace to replace undecodable bytes"
+        ) from None
+
+
+def iter_jsonl(path: str | Path, errors: str = "strict") -> Iterator[tuple[str, Any]]:
     """(``file:line``, record) for each non-empty line of a JSON-lines file (``.gz`` too); a line
-    that is not JSON raises :class:`DataError` naming the file and line."""
+    that is not JSON or not UTF-8 raises :class:`DataError` naming the file and line."""
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_utf8(raw, str(path), errors, first_line=lineno)
             if not line.strip():
                 continue
             try:
@@ -56,6 +76,26 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             yield f"{path}:{lineno}", record
+
+
+# A .txt file is refused as binary when it holds a NUL byte or more than this share of control
+# characters (tab, newline, carriage return and form feed do not count).
+MAX_CONTROL_SHARE = 0.01
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+def refuse_binary(raw: bytes, text: str, path: Path) -> None:
+    """Raise :class:`DataError` naming ``path`` when its bytes are evidently not text."""
+    if b"\0" in raw:
+        raise DataError(f"{path}: binary file (holds NUL bytes at offset {raw.index(0)}), expected text")
+    if not text:
+        return
+    controls = sum(1 for _ in _CONTROL.finditer(text))
+    if controls > MAX_CONTROL_SHARE * len(text):
+        raise DataError(
+            f"{path}: binary file ({controls / len(text):.0%} control characters, at most "
+            f"{MAX_CONTROL_SHARE:.0%} expected in text)"
+        )
 
 
 def _text_of(record: Any, text_field: str, where: str) -> str:
@@ -131,15 +171,21 @@ class FilesSource(Source):
 
     paths: list[Path]
     text_field: str = "text"
+    encoding_errors: str = "strict"
 
     def __post_init__(self) -> None:
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise DataError(f"--encoding-errors: expected one of {', '.join(ENCODING_ERRORS)}, found {self.encoding_errors!r}")
         self.paths = expand_paths(self.paths)
 
     def documents(self) -> Iterator[str]:
         for path in self.paths:
             suffix = _suffix(path)
             if suffix in TEXT_SUFFIXES:
-                yield decode_text(_read_bytes(path))
+                raw = _read_bytes(path)
+                text = decode_text(raw)
+                refuse_binary(raw, text, path)
+                yield text
             elif suffix in (".jsonl", ".jsonl.gz"):
                 yield from self._jsonl(path)
             elif suffix in (".json", ".json.gz"):
@@ -148,12 +194,12 @@ class FilesSource(Source):
                 yield from self._parquet(path)
 
     def _jsonl(self, path: Path) -> Iterator[str]:
-        for where, record in iter_jsonl(path):
+        for where, record in iter_jsonl(path, self.encoding_errors):
             yield _text_of(record, self.text_field, where)
 
     def _json(self, path: Path) -> Iterator[str]:
         try:
-            data = json.loads(decode_text(_read_bytes(path)))
+            data = json.loads(decode_utf8(_read_bytes(path), str(path), self.encoding_errors))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):

@@ -175,13 +175,19 @@ class SplitStats:
     tokens: int = 0
     characters: int = 0
     seconds: float = 0.0
+    empty_skipped: int = 0  # documents with no text but whitespace: never a document of one EOS token
 
 
-def _pieces(source: Source, max_documents: int | None, cut: bool) -> Iterator[tuple[str, bool]]:
-    """(piece, is_last_piece_of_its_document) in order."""
-    for i, doc in enumerate(source.documents()):
-        if max_documents is not None and i >= max_documents:
+def _pieces(source: Source, max_documents: int | None, cut: bool, stats: SplitStats) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last_piece_of_its_document) in order; empty documents are skipped and counted."""
+    kept = 0
+    for doc in source.documents():
+        if max_documents is not None and kept >= max_documents:
             return
+        if not doc.strip():
+            stats.empty_skipped += 1
+            continue
+        kept += 1
         parts = split_document(doc) if cut else [doc]
         for j, part in enumerate(parts):
             yield part, j == len(parts) - 1
@@ -231,24 +237,26 @@ def tokenize_split(
         bar.update(sum(len(t) for t in texts))
         bar.set_postfix(docs=stats.documents, tokens=writer.num_tokens, refresh=False)
 
-    batches = _batches(_pieces(source, max_documents, cut))
-    if pool is None:
-        _load_tokenizer(tokenizer_json, writer.dtype.str)
-        for texts, ends in batches:
-            consume(_encode_batch(texts), texts, ends)
-    else:
-        # Bounded in flight (Pool.imap would read the whole input ahead): streaming corpora stay streaming.
-        in_flight = 2 * workers
-        pending: deque = deque()
-        for texts, ends in batches:
-            pending.append((pool.apply_async(_encode_batch, (texts,)), texts, ends))
-            while len(pending) >= in_flight:
+    batches = _batches(_pieces(source, max_documents, cut, stats))
+    try:  # the bar is cleared on any error too, so the error message starts its own line
+        if pool is None:
+            _load_tokenizer(tokenizer_json, writer.dtype.str)
+            for texts, ends in batches:
+                consume(_encode_batch(texts), texts, ends)
+        else:
+            # Bounded in flight (Pool.imap would read the whole input ahead): streaming corpora stay streaming.
+            in_flight = 2 * workers
+            pending: deque = deque()
+            for texts, ends in batches:
+                pending.append((pool.apply_async(_encode_batch, (texts,)), texts, ends))
+                while len(pending) >= in_flight:
+                    result, t, e = pending.popleft()
+                    consume(result.get(), t, e)
+            while pending:
                 result, t, e = pending.popleft()
                 consume(result.get(), t, e)
-        while pending:
-            result, t, e = pending.popleft()
-            consume(result.get(), t, e)
-    bar.close()
+    finally:
+        bar.close()
     stats.tokens = writer.num_tokens
     stats.seconds = time.perf_counter() - start
     return stats

@@ -5,9 +5,9 @@ Two back-ends implement :class:`Backend`:
 - :class:`SinkLMBackend`: our GPT-NeoX (run folders, HF exports, initial checkpoints, stock
   GPT-NeoX / Pythia, converted on load) with :class:`~inference.cache.SinkCache`: the exact chunked
   fast path, or token by token (``mode="reference"``).
-- :class:`HFBackend`: a stock transformers model of the Llama family (Llama, Mistral, Qwen2/3,
-  SmolLM3) with :class:`~inference.hf_cache.HFSinkCache`, token by token (the chunked path needs our
-  model).
+- :class:`HFBackend`: a stock transformers model of a family :mod:`inference.hf_families` streams
+  (GPT-NeoX, the Llama family, MPT, Falcon): the exact chunked path of :mod:`inference.hf_chunked`,
+  or token by token through :class:`~inference.hf_cache.HFSinkCache` (``mode="reference"``).
 
 :func:`load_backend` picks the back-end for a checkpoint spec; :func:`as_backend` wraps an object
 already in memory. Both compute the sliding-window-with-re-computation baseline with the one
@@ -26,11 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from inference import hf_cache
+from inference import hf_cache, hf_chunked, hf_families
 from inference.perplexity import CHUNK_SIZE, dense_nll, recompute_nll, sliding_window_nll, streaming_nll
 from inference.session import GenerationSession, HFStreamingSession, StreamingSession
 from inference.stream import StreamError, TextSettings, read_stream_tokens, stream_prefix
 from pretrain.checkpoints import describe, load_model, parse_dtype
+from pretrain.checkpoints.resolve import split_revision
 from pretrain.config import ModelConfig
 from pretrain.model import GPTNeoX
 
@@ -114,7 +115,8 @@ class SinkLMBackend(_Named):
 
 @dataclass
 class HFBackend(_Named):
-    """A stock transformers causal LM: per-token streaming through :class:`~inference.hf_cache.HFSinkCache`."""
+    """A stock transformers causal LM: exact chunked streaming (:func:`~inference.hf_chunked.hf_chunked_nll`),
+    or per token through :class:`~inference.hf_cache.HFSinkCache` with ``mode="reference"``."""
 
     kind: str = "hf"
 
@@ -124,7 +126,7 @@ class HFBackend(_Named):
 
     @property
     def description(self) -> str:
-        return f"HF {getattr(self.model.config, 'model_type', '?')} (SinkCache route)"
+        return f"HF {getattr(self.model.config, 'model_type', '?')} (sink cache route)"
 
     def tokenize_stream(self, text: TextSettings | argparse.Namespace) -> tuple[torch.Tensor, str]:
         """The stream's text ids, with the tokenizer's BOS first when it adds one."""
@@ -135,9 +137,14 @@ class HFBackend(_Named):
         return ids, name
 
     def stream_mode(self, mode: str) -> str:
-        return "hf-per-token"  # exact only one token at a time once the cache is full
+        return "hf-chunked" if mode == "fast" else "hf-per-token"
 
     def streaming_nll(self, ids, start_size, recent_size, mode="fast", chunk_size=CHUNK_SIZE, progress=False):
+        if mode == "fast":
+            return hf_chunked.hf_chunked_nll(self.model, ids, start_size, recent_size, chunk_size, progress)
+        if hf_families.uses_alibi(self.model.config) and self.model.config.model_type == "falcon":
+            # stock FalconModel cannot take a sink cache (hf_cache); one token per forward of the block route
+            return hf_chunked.hf_chunked_nll(self.model, ids, start_size, recent_size, 1, progress)
         return hf_cache.hf_streaming_nll(self.model, ids, start_size, recent_size, progress=progress)
 
     def dense_nll(self, ids, max_len, chunk_size=CHUNK_SIZE, progress=False):
@@ -169,29 +176,44 @@ def load_backend(
     tokenizer: str | None = None,
     tag: str | None = None,
     revision: str | None = None,
+    device_map: str | None = None,
 ) -> Backend:
     """Load the checkpoint ``spec`` (any format :mod:`pretrain.checkpoints` reads, or a hub name) as
     a back-end named ``name`` (default: the spec).
 
-    Llama-family Hugging Face models load with ``AutoModelForCausalLM`` (:class:`HFBackend`);
-    everything else -- our run folders, exports, initial checkpoints, stock GPT-NeoX / Pythia --
-    as our GPT-NeoX (:class:`SinkLMBackend`). A bad spec raises the checkpoint layer's one-line error.
+    Llama-family, MPT and Falcon Hugging Face models load with ``AutoModelForCausalLM``
+    (:class:`HFBackend`); ``device_map`` (e.g. ``"auto"``) loads them through accelerate's big-model
+    path (low-memory loading, layers placed across the GPUs / CPU) instead of onto ``device``.
+    Everything else -- our run folders, exports, initial checkpoints, stock GPT-NeoX / Pythia -- as
+    our GPT-NeoX (:class:`SinkLMBackend`). A bad spec raises the checkpoint layer's one-line error; a
+    Hugging Face family that cannot stream, a StreamError naming the supported ones.
     """
     spec = str(spec)
     name = name or spec
+    spec, revision = split_revision(spec, revision)  # owner/name@revision
     dtype = parse_dtype(dtype)
     info = describe(spec, revision=revision, tag=tag)
+    if info.format == "hf" and info.model_type not in hf_families.SUPPORTED_MODEL_TYPES and not info.remote_code:
+        raise StreamError(
+            f"{spec}: model_type {info.model_type!r} cannot stream here; supported Hugging Face model types: "
+            f"{', '.join(hf_families.SUPPORTED_MODEL_TYPES)}"
+        )
     if info.format == "hf" and hf_cache.streams_natively(info.model_type):
-        model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype).to(device).eval()
+        placement = {"device_map": device_map, "low_cpu_mem_usage": True} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype, **placement)
+        model = (model if device_map else model.to(device)).eval()
         tok = AutoTokenizer.from_pretrained(tokenizer or spec, revision=None if tokenizer else revision)
         return HFBackend(name, model, tok, source=spec)
+    if device_map:
+        raise StreamError(f"--device-map applies to Hugging Face models of the Llama family, MPT and Falcon; "
+                          f"{spec} loads as our GPT-NeoX: use --device")
     loaded = load_model(spec, tag=tag, dtype=dtype, tokenizer=tokenizer, revision=revision, device=device)
     return SinkLMBackend(name, loaded.model.eval(), loaded.tokenizer, source=spec, config=loaded.config)
 
 
 def as_backend(name: str, obj: Any, tokenizer: Any = None) -> Backend:
     """Wrap what a caller handed over: a :class:`Backend`, a checkpoint path (:func:`load_backend`),
-    our ``GPTNeoX``, a ``LoadedModel`` (``.model/.config/.tokenizer``) or a Llama-family HF model."""
+    our ``GPTNeoX``, a ``LoadedModel`` (``.model/.config/.tokenizer``) or a HF model of a streaming family."""
     if isinstance(obj, (SinkLMBackend, HFBackend)):
         return obj
     if isinstance(obj, (str, Path)):
@@ -202,6 +224,8 @@ def as_backend(name: str, obj: Any, tokenizer: Any = None) -> Backend:
     if isinstance(inner, GPTNeoX):
         return SinkLMBackend(name, inner.eval(), tokenizer or getattr(obj, "tokenizer", None),
                              source=str(getattr(obj, "source", "in-memory")), config=getattr(obj, "config", None))
-    if getattr(getattr(obj, "config", None), "model_type", None) in hf_cache.SUPPORTED_MODEL_TYPES:
+    model_type = getattr(getattr(obj, "config", None), "model_type", None)
+    if model_type in hf_families.SUPPORTED_MODEL_TYPES:
         return HFBackend(name, obj.eval(), tokenizer)
-    raise StreamError(f"model {name!r}: cannot evaluate a {type(obj).__name__}")
+    supported = f" ({model_type!r}; supported Hugging Face model types: {', '.join(hf_families.SUPPORTED_MODEL_TYPES)})"
+    raise StreamError(f"model {name!r}: cannot evaluate a {type(obj).__name__}" + (supported if model_type else ""))

@@ -17,6 +17,7 @@ from typing import TextIO
 
 import torch
 
+from data.settings import ArgumentParser
 from data.shards import DataError
 from data.sources import iter_jsonl
 from inference.backends import load_backend
@@ -107,7 +108,7 @@ def chat(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm chat",
         description="Multi-turn chat with one StreamingLLM cache across all turns (turns from a JSONL file or stdin).",
     )
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise StreamError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         turns = read_turns(args.turns) if args.turns else None
-        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag)
+        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag,
+                               device_map=args.device_map)
         tokenizer = backend.tokenizer
         session = backend.new_session(start, recent)
     except (StreamError, ValueError, FileNotFoundError, OSError) as err:

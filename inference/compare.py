@@ -9,8 +9,13 @@ per-token NLL, ``summary.json``, ``index.md``).
 Every model is a back-end (:mod:`inference.backends`): our checkpoints (run folders, HF exports,
 init checkpoints; each knows its variant and sink tokens) stream through the exact fast evaluation
 (:func:`inference.perplexity.streaming_nll`), so each cell is what ``sinklm stream-ppl`` reports;
-Llama-family Hugging Face models (local folder or hub name) stream through
-:class:`inference.hf_cache.HFSinkCache` token by token instead.
+Hugging Face models of the Llama family, MPT and Falcon (local folder or hub name) stream through
+the same exact chunked protocol (:mod:`inference.hf_chunked`).
+
+``sinklm compare --steps-of RUN [--steps 100,200] -o OUT`` (every checkpoint of one run) and
+``sinklm compare --revisions-of HUB --revisions step1000,step2000 -o OUT`` (hub revisions of one
+model) write the training probe's curves instead: sink metric and eviction gap against training
+step (:mod:`inference.probe_steps`).
 
 Python API: ``run_compare(models, CompareSettings(...), output_dir)`` returns a
 :class:`~inference.compare_report.CompareResult` (``.table``, ``.to_markdown()``);
@@ -29,10 +34,11 @@ from typing import Any, Literal
 
 import torch
 
-from data.settings import add_settings_args, settings_from_args
+from data.settings import ArgumentParser, add_settings_args, settings_from_args
 from inference.backends import Backend, as_backend, load_backend
 from inference.compare_report import Column, CompareResult, write_outputs
 from inference.perplexity import CHUNK_SIZE, perplexity
+from inference.probe_steps import parse_list, probe_revisions, probe_run, summary_lines, write_step_curves
 from inference.sink_metric import (
     GU_INPUT_LENGTH,
     GU_THRESHOLD,
@@ -87,6 +93,8 @@ class CompareSettings(TextSettings):
     """weights dtype of every model loaded from a path"""
     device: str = "cpu"
     """device of every model loaded from a path: cpu, cuda, cuda:1, ..."""
+    device_map: str | None = None
+    """Hugging Face models: accelerate placement, e.g. auto (low-memory loading, split across GPUs / CPU)"""
     tokenizer: str | None = None
     """tokenizer for every model (default: each checkpoint's, else bundled)"""
     progress: bool = True
@@ -118,7 +126,7 @@ def _backend(name: str, model: Any, settings: CompareSettings) -> Backend:
     if not isinstance(model, (str, Path)):
         return as_backend(name, model)
     try:
-        return load_backend(model, name, settings.dtype, settings.device, settings.tokenizer)
+        return load_backend(model, name, settings.dtype, settings.device, settings.tokenizer, device_map=settings.device_map)
     except (ValueError, OSError) as err:
         raise CompareError(f"model {name!r}: {err}") from None
 
@@ -217,7 +225,7 @@ def _parse_model_specs(specs: Sequence[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm compare",
         description="Compare checkpoints under StreamingLLM caching: perplexity table (rows models, columns "
         "cache configs s+(W-s) and baselines), log-PPL curves, attention maps, sink metric, index.md.",
@@ -225,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("models", nargs="*", help="checkpoints as NAME=PATH or PATH (run folder, HF export/folder, hub name)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="another checkpoint (repeatable)")
     parser.add_argument("--output-dir", "-o", required=True, help="folder for table.md/csv, PNGs, sinks.json, index.md")
+    by_step = parser.add_argument_group("by training step (instead of models: sinks_by_step.csv/json/png)")
+    by_step.add_argument("--steps-of", metavar="RUN", help="every global_stepN of this run folder, probed as in training")
+    by_step.add_argument("--steps", metavar="N,N", help="only these steps of --steps-of")
+    by_step.add_argument("--revisions-of", metavar="HUB", help="hub revisions of one model, e.g. EleutherAI/pythia-70m")
+    by_step.add_argument("--revisions", metavar="REV,REV", help="the revisions of --revisions-of, e.g. step1000,step143000")
     add_settings_args(parser, CompareSettings, skip=(*_API_ONLY, *(f.name for f in fields(TextSettings))))
     add_text_args(parser)
     return parser
@@ -235,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = parser.prog
     try:
+        if args.steps_of or args.revisions_of:
+            return _by_step(args)
+        if args.steps or args.revisions:
+            raise CompareError("--steps needs --steps-of RUN, --revisions needs --revisions-of HUB")
         specs = _parse_model_specs(list(args.models) + list(args.model))
         if not specs:
             raise CompareError("give at least one checkpoint (NAME=PATH or PATH)")
@@ -245,6 +262,30 @@ def main(argv: list[str] | None = None) -> int:
         return fail(prog, err)
     print(result.to_markdown())
     print(f"wrote {result.files['index.md']}", file=sys.stderr)
+    return 0
+
+
+def _by_step(args: argparse.Namespace) -> int:
+    """``--steps-of`` / ``--revisions-of``: the probe's curves against training step."""
+    if args.models or args.model:
+        raise CompareError("--steps-of / --revisions-of take no model arguments")
+    if args.steps_of and args.revisions_of:
+        raise CompareError("give --steps-of or --revisions-of, not both")
+    settings = settings_from_args(CompareSettings, args)
+    settings.columns()
+    if args.steps_of:
+        if args.revisions:
+            raise CompareError("--revisions goes with --revisions-of, not --steps-of")
+        curves = probe_run(args.steps_of, settings, parse_list(args.steps, "--steps", number=True))
+    else:
+        if not args.revisions:
+            raise CompareError("--revisions-of needs --revisions, e.g. --revisions step1000,step143000")
+        if args.steps:
+            raise CompareError("--steps goes with --steps-of, not --revisions-of")
+        curves = probe_revisions(args.revisions_of, parse_list(args.revisions, "--revisions"), settings)
+    files = write_step_curves(curves, args.output_dir)
+    print(summary_lines(curves))
+    print(f"wrote {files['sinks_by_step.csv']} and {files['sinks_by_step.png'].name}", file=sys.stderr)
     return 0
 
 

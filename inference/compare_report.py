@@ -170,7 +170,7 @@ def table_markdown(result: CompareResult) -> str:
             + result.to_markdown() + "\n" + "\n".join(_column_notes(result)) + "\n")
 
 
-def _same_tokens_table(result: CompareResult) -> list[str]:
+def same_tokens_table(result: CompareResult) -> list[str]:
     """When baselines cover fewer tokens than the stream, the same table on the tokens all columns scored."""
     shortest = {name: min(counts.values()) for name, counts in result.tokens.items()}
     if all(min(c.values()) == max(c.values()) for c in result.tokens.values()):
@@ -192,8 +192,10 @@ def _index_markdown(result: CompareResult, files: dict[str, str], sink_rows: lis
              "## Models", "", "| model | variant | source | text tokens |", "|---|---|---|---:|"]
     for name, info in result.models.items():
         lines.append(f"| {name} | {info['description']} | `{info['source']}` | {info['text_tokens']:,} |")
-    lines += ["", "## Perplexity (the paper's Table 3 layout)", "", result.to_markdown(), *_column_notes(result), "",
-              *_same_tokens_table(result),
+    like_for_like = same_tokens_table(result)
+    full = ["Full length, each column on the tokens it scored (not comparable across columns):", ""] if like_for_like else []
+    lines += ["", "## Perplexity (the paper's Table 3 layout)", "", *like_for_like, *full, result.to_markdown(),
+              *_column_notes(result), "",
               f"Files: [table.md]({files['table.md']}), [table.csv]({files['table.csv']}), per-token NLL in `nll/<model>.npz` "
               f"(one array per column), everything in [summary.json](summary.json).", "",
               "## Log perplexity while streaming", "",

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from data.settings import ArgumentParser
 from inference.backends import load_backend
 from inference.session import Sampler
 from inference.stream import StreamError, add_cache_args, add_model_args, cache_sizes_from_args, fail
@@ -56,7 +57,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm generate",
         description="Generate text from a checkpoint with the StreamingLLM cache, for any number of tokens.",
     )
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise StreamError(f"prompt file not found: {args.prompt_file}") from None
         else:
             prompt = args.prompt if args.prompt is not None else ""
-        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag)
+        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag,
+                               device_map=args.device_map)
         tokenizer = backend.tokenizer
         prompt_ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
         if prompt_ids.numel() == 0 and not backend.sink_ids:

@@ -3,8 +3,9 @@
 transformers 5 removed its ``SinkCache``, and the public StreamingLLM code pins transformers 4.33.
 :class:`HFSinkCache` here plugs into the current ``Cache`` API, so it works both with
 ``model.generate(..., past_key_values=cache)`` (``cache=`` in newer releases) and with a manual loop
-``model(ids, cache=cache)``, for RoPE models whose rotary embedding is the rotate-half kind:
-GPT-NeoX / Pythia (partial rotary) and the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM).
+``model(ids, cache=cache)``, for the families of :mod:`inference.hf_families`: rotate-half RoPE
+(GPT-NeoX / Pythia, the Llama family, Falcon) and ALiBi (MPT). Exact chunked evaluation of the same
+protocol: :mod:`inference.hf_chunked`.
 
 Semantics are the paper's (``docs/design.md``, "Streaming semantics"): token t attends to the first
 ``start_size`` tokens and the last ``recent_size`` tokens before it, with positions assigned by slot
@@ -17,6 +18,8 @@ in the cache. How that is achieved with HF's already-rotated keys:
   query t: it already is. A sink i must be at distance min(t, S + R) - i, so before attending the
   sink keys are rotated by ``shift = max(0, t - S - R)`` more -- always from their stored form, so
   no rotation error accumulates over a long stream. The window's keys are never touched.
+- ALiBi (MPT): keys carry no position and MPT biases each key by its distance from the last key
+  slot, which is the query's slot: the kept keys in cache order are all it needs.
 
 One forward with T > 1 tokens is exact while no token of it needs an eviction first, i.e. while
 ``seen + T - 1 <= S + R`` (a prompt that fits the cache). A longer chunk is processed densely and then
@@ -26,6 +29,8 @@ long prompt exactly (first chunk up to the cache size, then one token at a time)
 Limitations: batch rows must be unpadded (the cache keeps one position count for the batch), and
 rotary kinds that interleave pairs (GPT-J) or rescale with the sequence length ("dynamic") are
 refused, since shifting a key by a fixed angle is only right for fixed rotate-half frequencies.
+Falcon with ``alibi=True`` is refused here (FalconModel sizes its ALiBi tensor by the tokens seen);
+:func:`inference.hf_chunked.hf_chunked_nll` streams it.
 """
 
 from __future__ import annotations
@@ -42,62 +47,7 @@ try:  # transformers >= 5: the layered Cache API
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
     raise ImportError("inference.hf_cache needs transformers >= 5.0 (Cache / CacheLayerMixin API)") from exc
 
-from pretrain.model import rotary_tables, rotate_half
-
-# model_type values whose attention applies rotate-half RoPE to (a prefix of) each head's dims and
-# whose cache holds (B, H_kv, T, D) keys -- the families this cache is tested on or identical to.
-SUPPORTED_MODEL_TYPES = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "smollm3")
-_UNSUPPORTED_ROPE = ("dynamic", "longrope")
-
-
-class KeyShift:
-    """Rotate cached keys by a whole number of positions, using the model's live RoPE frequencies.
-
-    HF's keys are ``scale * R(p) k`` on the first ``rotary_dim`` dims (``scale`` is the rope type's
-    attention scaling, usually 1). ``R(p + d) = R(d) R(p)``, so a pure rotation by ``d`` moves a key
-    from position p to p + d without knowing p or k.
-    """
-
-    def __init__(self, rotary_module: nn.Module):
-        if not hasattr(rotary_module, "inv_freq"):
-            raise ValueError(f"{type(rotary_module).__name__} has no inv_freq buffer; not a RoPE module")
-        self.rotary_module = rotary_module
-
-    @property
-    def rotary_dim(self) -> int:
-        return 2 * self.rotary_module.inv_freq.shape[-1]
-
-    def __call__(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
-        """keys (B, H, T, D) rotated at positions p -> the same keys at positions p + shift."""
-        if shift == 0 or keys.shape[-2] == 0:
-            return keys
-        positions = torch.tensor([shift], device=keys.device)
-        cos, sin = rotary_tables(self.rotary_module.inv_freq, positions, torch.float32)  # (1, rotary_dim)
-        dim = self.rotary_dim
-        shifted = rotate_half(keys[..., :dim].float(), cos, sin).to(keys.dtype)
-        return torch.cat([shifted, keys[..., dim:]], dim=-1)
-
-
-def find_rotary_module(model: nn.Module) -> nn.Module:
-    """The model's (single, shared) rotary embedding module, e.g. ``model.model.rotary_emb``."""
-    config = getattr(model, "config", None)
-    if config is not None:
-        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        model_type = getattr(text_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"HFSinkCache supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (rotate-half RoPE); "
-                f"this model is {model_type!r}"
-            )
-        rope = getattr(text_config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-        if rope_type in _UNSUPPORTED_ROPE:
-            raise ValueError(f"HFSinkCache cannot shift keys under rope_type {rope_type!r} (frequencies change with length)")
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and "rotary" in type(module).__name__.lower():
-            return module
-    raise ValueError(f"no rotary embedding module (with an inv_freq buffer) found in {type(model).__name__}")
-
+from inference.hf_families import SUPPORTED_MODEL_TYPES, KeyShift, key_shift_of, text_config, uses_alibi
 
 class HFSinkCacheLayer(CacheLayerMixin):
     """One layer's keys/values: the first ``start_size`` tokens and the last ``recent_size``.
@@ -110,7 +60,7 @@ class HFSinkCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, start_size: int, recent_size: int, key_shift: KeyShift, on_dense_chunk=None):
+    def __init__(self, start_size: int, recent_size: int, key_shift: KeyShift | None, on_dense_chunk=None):
         super().__init__()
         self.start_size = start_size
         self.recent_size = recent_size
@@ -140,7 +90,7 @@ class HFSinkCacheLayer(CacheLayerMixin):
         shift = max(0, self.seen - self.capacity)
         num_sinks = min(self.start_size, self.keys.shape[-2])
         past_keys = self.keys
-        if shift and num_sinks:
+        if shift and num_sinks and self.key_shift is not None:  # ALiBi keys carry no position
             sinks = self.key_shift(self.keys[:, :, :num_sinks], shift)
             past_keys = torch.cat([sinks, self.keys[:, :, num_sinks:]], dim=-2)
         keys = torch.cat([past_keys, key_states], dim=-2)
@@ -198,13 +148,20 @@ class HFSinkCache(Cache):
     >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=2000)
 
     A fresh cache per stream; for prompts longer than the cache use :func:`stream_prefill` first.
+    MPT configs default to ``use_cache=False``: pass ``use_cache=True`` to ``generate`` for them.
     """
 
     def __init__(self, model: nn.Module, start_size: int, recent_size: int, warn_dense_chunks: bool = True):
         if start_size < 0 or recent_size < 0 or start_size + recent_size == 0:
             raise ValueError(f"need start_size, recent_size >= 0 with a positive sum; got {start_size}, {recent_size}")
-        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        key_shift = KeyShift(find_rotary_module(model))
+        config = text_config(model)
+        key_shift = key_shift_of(model)  # checks the family first
+        if config.model_type == "falcon" and uses_alibi(config):
+            raise ValueError(
+                "HFSinkCache: stock FalconModel builds its ALiBi tensor over every token seen, not over the cache's "
+                "slots, so model(...) / model.generate(...) cannot stream it; use inference.hf_chunked.hf_chunked_nll "
+                "(stream-ppl / compare) for Falcon with alibi=True"
+            )
         self.start_size, self.recent_size = start_size, recent_size
         self._warned = not warn_dense_chunks
         layers = [
@@ -287,6 +244,6 @@ def hf_dense_nll(model: nn.Module, ids: torch.Tensor, max_len: int | None = None
 
 
 def streams_natively(model_type: str | None) -> bool:
-    """True for a HF ``model_type`` this module streams but our GPT-NeoX cannot load (the Llama family);
+    """True for a HF ``model_type`` this module streams but our GPT-NeoX cannot load (Llama, MPT, Falcon);
     stock GPT-NeoX / Pythia converts to our model and takes the exact chunked path instead."""
     return model_type in SUPPORTED_MODEL_TYPES and model_type != "gpt_neox"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from inference.cache import SinkCache
+from inference.decode_step import MODES, DecodeStep, StaticSinkCache
 from inference.hf_cache import HFSinkCache, stream_prefill
 from inference.stream import StreamError, check_start_size, stream_prefix
 
@@ -118,15 +119,32 @@ class StreamingSession(GenerationSession):
 
     A sink-token model's k sink ids go in first (they take the start slots). Only text ids
     (below ``config.vocab_size``) are ever generated: sink ids and vocabulary padding are masked.
+    Prompts go through the cache's chunked path; generated tokens, one per step, through the
+    fixed-shape :class:`~inference.decode_step.DecodeStep` (bounded caches; ``decode``: ``auto`` = the
+    eager step everywhere -- ``graph`` (a replayed CUDA graph) is opt-in until benchmarks/gpu_check.sh has
+    verified it on a GPU; ``none`` keeps every token on the chunked path).
     """
 
-    def __init__(self, model: torch.nn.Module, start_size: int, recent_size: int | None, batch_size: int = 1, chunk_size: int = 512):
+    def __init__(self, model: torch.nn.Module, start_size: int, recent_size: int | None, batch_size: int = 1,
+                 chunk_size: int = 512, decode: str = "auto"):
         check_start_size(model.config, start_size)
         super().__init__(stream_prefix(model.config), batch_size, next(model.parameters()).device)
         self.model = model
-        self.cache = SinkCache(start_size, recent_size)
+        self._cache = SinkCache(start_size, recent_size)
         self.chunk_size = chunk_size
         self.vocab_limit = model.config.vocab_size
+        self.decode = "eager" if decode == "auto" else decode
+        if self.decode not in (*MODES, "none"):
+            raise StreamError(f"decode must be auto, none or one of {', '.join(MODES)}, got {decode!r}")
+        self._step: DecodeStep | None = None  # holds the stream's state while tokens are decoded
+
+    @property
+    def cache(self) -> SinkCache:
+        """The SinkCache, holding everything fed so far (a decode step in use hands its state back)."""
+        if self._step is not None:
+            self._step.cache.write_back(self._cache)
+            self._step = None
+        return self._cache
 
     @property
     def tokens_seen(self) -> int:
@@ -138,9 +156,17 @@ class StreamingSession(GenerationSession):
 
     @torch.no_grad()
     def _feed(self, ids: torch.Tensor) -> torch.Tensor:
+        one_token = ids.shape[1] == 1 and self._cache.bounded and self.decode != "none"
+        if one_token and (self._step is not None or self._cache.seen > 0):
+            if self._step is None:
+                self._step = DecodeStep(self.model, StaticSinkCache.from_sink_cache(self.model, self._cache), self.decode)
+            logits = self._step(ids[:, 0]).float()
+            logits[:, self.vocab_limit :] = float("-inf")
+            return logits
+        cache = self.cache
         hidden = None
         for start in range(0, ids.shape[1], self.chunk_size):
-            hidden = self.model.hidden_states(ids[:, start : start + self.chunk_size], cache=self.cache)
+            hidden = self.model.hidden_states(ids[:, start : start + self.chunk_size], cache=cache)
         logits = self.model.lm_head(hidden[:, -1]).float()
         logits[:, self.vocab_limit :] = float("-inf")
         return logits

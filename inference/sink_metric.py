@@ -14,6 +14,11 @@ paper reports the mean over sampled sequences). For a sink-token model each inpu
 followed by 64 - k text tokens (the training format), so the "first key" is its first sink token;
 for softmax1 / sink_logit rows sum to less than 1 and the metric uses the real keys' weights.
 
+Alongside, per layer and averaged over heads, inputs and queries like alpha: the weight on the k
+sink tokens (keys 0..k-1 of a sink-token model) and the weight the implicit extra key of softmax1 /
+sink_logit takes (its "no-op" share: 1 minus the row's sum over the real keys, since the kernel's
+reference path drops exactly that column; 0 for softmax).
+
 Attention maps (StreamingLLM Fig. 7): per layer, attention weights averaged over heads and over
 many short inputs (16 tokens there), one (T, T) map per layer.
 """
@@ -45,6 +50,8 @@ class SinkMetric:
     num_inputs: int = 0
     sink_tokens: int = 0
     notes: dict = field(default_factory=dict)
+    sink_token_mass: list[float] = field(default_factory=list)  # per layer: weight on keys 0..k-1 (k sink tokens)
+    extra_key_mass: list[float] = field(default_factory=list)  # per layer: weight of softmax1/sink_logit's extra key
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +71,16 @@ def sink_rate(attentions: list[torch.Tensor], threshold: float = GU_THRESHOLD) -
     alpha = first_key_scores(attentions)  # (B, L, H)
     per_layer = (alpha > threshold).float().mean(dim=-1)  # (B, L)
     return per_layer.mean(dim=-1), per_layer
+
+
+def key_mass(attentions: list[torch.Tensor], keys: int) -> torch.Tensor:
+    """(B, L): the weight on keys 0..keys-1, averaged over heads and queries, per input and layer."""
+    return torch.stack([probs[..., :, :keys].float().sum(dim=-1).mean(dim=(-2, -1)) for probs in attentions], dim=1)
+
+
+def extra_key_share(attentions: list[torch.Tensor]) -> torch.Tensor:
+    """(B, L): 1 - the row sum over the real keys (the extra key's weight), averaged over heads and queries."""
+    return torch.stack([(1.0 - probs.float().sum(dim=-1)).mean(dim=(-2, -1)) for probs in attentions], dim=1)
 
 
 def sample_windows(ids: torch.Tensor, count: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -86,13 +103,15 @@ def with_sinks(windows: torch.Tensor, sink_ids: tuple[int, ...] | list[int]) -> 
     return windows
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under ZeRO-3 the parameters gathered here live on in training
 def layer_attentions(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Attention weights per layer, each (B, H, T, T), for our GPTNeoX or a HF causal LM."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     if isinstance(model, GPTNeoX):
-        return [a.float().cpu() for a in model(input_ids, output_attentions=True).attentions]
+        attentions: list[torch.Tensor] = []
+        model.hidden_states(input_ids, attentions=attentions)  # the trunk only: no vocabulary head
+        return [a.float().cpu() for a in attentions]
     # HF models return weights only from the eager kernel (SDPA / flash return None)
     if getattr(model.config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
@@ -115,13 +134,15 @@ def measure_sinks(
 ) -> SinkMetric:
     """Gu et al.'s metric on ``num_inputs`` windows of ``length`` tokens from the stream ``ids``."""
     inputs = with_sinks(sample_windows(ids, num_inputs, length, seed), sink_ids)
-    rates, layers, alphas = [], [], []
+    rates, layers, alphas, sinks, extras = [], [], [], [], []
     for batch in tqdm(inputs.split(batch_size), desc="sink metric", disable=not progress):
         attentions = layer_attentions(model, batch)
         rate, per_layer = sink_rate(attentions, threshold)
         rates.append(rate)
         layers.append(per_layer)
         alphas.append(first_key_scores(attentions))
+        sinks.append(key_mass(attentions, len(sink_ids)))
+        extras.append(extra_key_share(attentions))
     return SinkMetric(
         sink_rate=float(torch.cat(rates).mean()),
         per_layer=torch.cat(layers).mean(dim=0).tolist(),
@@ -130,6 +151,8 @@ def measure_sinks(
         input_length=length,
         num_inputs=num_inputs,
         sink_tokens=len(sink_ids),
+        sink_token_mass=torch.cat(sinks).mean(dim=0).tolist() if sink_ids else [],
+        extra_key_mass=torch.cat(extras).mean(dim=0).tolist(),
     )
 
 

@@ -89,6 +89,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default=None, help="DeepSpeed checkpoint tag (default: the run's `latest`)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device-map", default=None, help="Hugging Face models: accelerate placement, e.g. auto "
+                        "(low-memory loading, layers split across GPUs / CPU; instead of --device)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder/file/hub name (default: the checkpoint's, else bundled)")
 
 
@@ -129,13 +131,20 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
     add_settings_args(group, TextSettings)
 
 
-def read_stream_tokens(args: TextSettings | argparse.Namespace, tokenizer) -> tuple[torch.Tensor, str]:
-    """Tokenize the chosen text (a :class:`TextSettings`, or parsed args with its fields) into one
-    stream (documents joined by the tokenizer's eos); (ids (N,), name)."""
+def check_text_args(args: TextSettings | argparse.Namespace) -> None:
+    """The text options, checked before any model is loaded (the file must exist and be readable text)."""
     if args.text and args.dataset:
         raise StreamError("give --text or --dataset, not both")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise StreamError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    if args.text:
+        FilesSource([Path(args.text)], text_field=args.text_field)  # missing or unsupported: named now
+
+
+def read_stream_tokens(args: TextSettings | argparse.Namespace, tokenizer) -> tuple[torch.Tensor, str]:
+    """Tokenize the chosen text (a :class:`TextSettings`, or parsed args with its fields) into one
+    stream (documents joined by the tokenizer's eos); (ids (N,), name)."""
+    check_text_args(args)
     if args.text:
         source, name = FilesSource([Path(args.text)], text_field=args.text_field), str(args.text)
         documents = source.documents()

@@ -1,8 +1,8 @@
 """``sinklm stream-ppl``: perplexity of a checkpoint on a long token stream under a sink + window cache.
 
 The stream goes through the checkpoint's back-end (:func:`inference.backends.load_backend`): our
-models in the exact chunked fast mode (or token by token with ``--mode reference``), Llama-family
-Hugging Face models token by token through :class:`inference.hf_cache.HFSinkCache`. Baselines: dense
+models and Hugging Face GPT-NeoX / Llama-family / MPT / Falcon models in the exact chunked fast mode
+(or token by token with ``--mode reference``; HF models through :class:`inference.hf_cache.HFSinkCache`). Baselines: dense
 attention, window attention (0 + cache size) and sliding window with re-computation.
 """
 
@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.outputs import check_output_file
+from data.settings import ArgumentParser
 from inference.backends import load_backend
+from pretrain.checkpoints.integrity import folder_problem
 from inference.perplexity import CHUNK_SIZE, MODES, perplexity
 from inference.stream import (
     StreamError,
@@ -26,16 +29,17 @@ from inference.stream import (
     add_model_args,
     add_text_args,
     cache_sizes_from_args,
+    check_text_args,
     fail,
     sink_warnings_ignored,
 )
 
 BASELINES = ("dense", "window", "recompute")
-MODE_LABELS = {"hf-per-token": "per-token (HF SinkCache)"}
+MODE_LABELS = {"hf-per-token": "per-token (HF SinkCache)", "hf-chunked": "chunked (HF, exact)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm stream-ppl",
         description="Perplexity of a checkpoint on a long token stream under a StreamingLLM sink + window cache "
         "(the paper's token-by-token protocol, or the exact chunked fast mode), with baselines.",
@@ -79,7 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         baselines = _parse_baselines(args.baselines)
         if args.chunk_size < 1:
             raise StreamError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag)
+        for flag in ("dense_max_len", "recompute_max_tokens", "recompute_batch"):
+            if getattr(args, flag) < 1:
+                raise StreamError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.output_dir:
+            check_output_file(args.output_dir, "--output-dir folder")  # before any work, not after it
+        check_text_args(args)
+        if Path(args.checkpoint).is_dir():  # every route (ours or transformers') gets the one-line truncation error
+            problem = folder_problem(Path(args.checkpoint))
+            if problem:
+                raise StreamError(problem)
+        backend = load_backend(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, tag=args.tag,
+                               device_map=args.device_map)
         ids, text_name = backend.tokenize_stream(args)
     except (StreamError, ValueError, FileNotFoundError, OSError) as err:
         return fail(prog, err)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from data.settings import add_settings_args, settings_from_args
+from data.settings import ArgumentParser, add_settings_args, settings_from_args
 from inference.zeroshot_tasks import (
     METRICS,
     TASKS,
@@ -112,6 +112,7 @@ class ModelSource:
     sink_token_ids: list[int] = field(default_factory=list)
     variant: str = "vanilla"
     remote_code: bool = False  # the attention lives in the export's bundled modelling code
+    revision: str | None = None  # a hub model's revision (``owner/name@revision``)
 
 
 _KIND_OF_FORMAT = {"hf": "hf", "deepspeed": "run", "init": "init"}
@@ -141,6 +142,7 @@ def resolve_model(spec: str, trust_remote_code: bool = False, name: str | None =
         list(info.sink_token_ids),
         info.variant,
         info.remote_code,
+        info.resolved.revision if info.resolved else None,
     )
 
 
@@ -171,6 +173,7 @@ def build_lm(
             batch_size=batch_size,
             dtype=dtype,
             trust_remote_code=source.remote_code,
+            **({"revision": source.revision} if source.revision else {}),
         )
     try:
         loaded = load_model(source.location, tokenizer=tokenizer)
@@ -339,7 +342,7 @@ def write_outputs(results: list[ModelResult], tasks: list[ZeroShotTask], out_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm zeroshot",
         description="Zero-shot accuracy (the paper's Table 4) through lm-evaluation-harness. Offline by default "
         "on the bundled validation splits of ARC-c/e, HellaSwag, OpenBookQA, PIQA, Winogrande; --online uses "

@@ -13,21 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.settings import add_settings_args, settings_from_args
+from data.settings import ArgumentParser, add_settings_args, settings_from_args
 from data.shards import DataError
 from pretrain.checkpoints import CheckpointError, ExportSettings, convert
 from pretrain.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm convert",
         description="Convert checkpoints: a DeepSpeed run folder, a Hugging Face GPT-NeoX folder or an "
         "initial checkpoint -> a Hugging Face folder (--to hf) or an initial checkpoint for train.init_from "
         "(--to init).",
     )
     parser.add_argument("source", help="DeepSpeed run folder, Hugging Face folder (or hub name) or initial checkpoint")
-    parser.add_argument("output", help="output folder (must be empty or absent unless --overwrite)")
+    parser.add_argument(
+        "output", help="output folder: absent or empty, or with --overwrite an earlier export (never anything else)"
+    )
     add_settings_args(parser, ExportSettings)
     return parser
 

@@ -1,4 +1,7 @@
-"""Rank-0 training telemetry: console lines, a progress bar, ``metrics.jsonl``, wandb, ``loss.png``.
+"""Rank-0 training telemetry: console lines, a progress bar, ``metrics.jsonl``, wandb, ``loss.png``
+and ``sinks.png`` (the probe's records against step and tokens: :func:`plot_probe_curves`, which the
+experiment report and ``sinklm compare --steps-of`` draw with too; it reads records, never the
+evaluation code that made them).
 
 Only rank 0 constructs a :class:`MetricsLogger`; the others pass ``None`` around, so no rank
 but one ever writes a file. ``metrics.jsonl`` holds one JSON record per line, each with a
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +28,8 @@ from pretrain.train_config import LoggingConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+SINKS_PLOT_FILE = "sinks.png"
+EVICTION_KEY = re.compile(r"^ppl_(\d+)\+(\d+)$")  # a probe record's perplexity under an s + (W - s) cache
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU when logging.peak_tflops is not set.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0, "4090": 165.0}
@@ -93,12 +99,103 @@ def plot_losses(run_dir: str | Path, title: str = "") -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / PLOT_FILE
-    tmp = out.with_name(".loss.tmp.png")
-    fig.savefig(tmp)
+    out = _save_figure(fig, Path(run_dir) / PLOT_FILE)
     plt.close(fig)
+    return out
+
+
+def _save_figure(fig, out: Path) -> Path:
+    """Write ``out`` through a temporary sibling, so a reader never sees half a PNG."""
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp)
     os.replace(tmp, out)
     return out
+
+
+def _tokens_per_step(records: list[dict[str, Any]]) -> float | None:
+    for r in records:
+        if r.get("tokens_seen") and r.get("step"):
+            return r["tokens_seen"] / r["step"]
+    return None
+
+
+def plot_probe_curves(curves: dict[str, list[dict[str, Any]]], out: str | Path, title: str = "") -> Path | None:
+    """Probe records (``kind: probe`` rows, or the same fields from ``sinklm compare --steps-of``)
+    of one or more models against step, with tokens seen on the top axis: the sink metric, the
+    attention on the first key (solid), on the sink tokens (dashed), on the extra key of softmax1 /
+    sink_logit (dotted), and the eviction gap: the perplexity under each s + (W - s) cache relative
+    to the one with the most start tokens, in percent. One colour per model."""
+    curves = {name: sorted((r for r in rows if "step" in r), key=lambda r: r["step"]) for name, rows in curves.items()}
+    curves = {name: rows for name, rows in curves.items() if rows}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_attn, ax_ppl) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    styles = {"first_key_attn": ("-", "first key"), "sink_token_attn": ("--", "sink tokens"), "noop_attn": (":", "extra key (no-op)")}
+    for i, (name, rows) in enumerate(curves.items()):
+        color = f"C{i}"
+        steps = [r["step"] for r in rows]
+        if any("sink_rate" in r for r in rows):
+            ax_rate.plot(steps, [100 * r.get("sink_rate", math.nan) for r in rows], "o-", color=color, ms=3, label=name)
+        for key, (style, what) in styles.items():
+            if any(key in r for r in rows):
+                ax_attn.plot(steps, [r.get(key, math.nan) for r in rows], style, color=color, marker="o", ms=2.5, label=f"{name}: {what}")
+        configs = sorted({k for r in rows for k in r if EVICTION_KEY.match(k)}, key=lambda k: int(EVICTION_KEY.match(k).group(1)))
+        for j, key in enumerate(configs[:-1]):
+            base = configs[-1]
+            gap = [100 * (r[key] / r[base] - 1) if key in r and base in r else math.nan for r in rows]
+            ax_ppl.plot(steps, gap, ["-", "--", ":", "-."][j % 4], color=color, marker="o", ms=2.5, label=f"{name}: {key[4:]} vs {base[4:]}")
+    ax_rate.set_ylabel("sink metric (% of heads, first key > 0.3)")
+    ax_rate.set_ylim(-2, 102)
+    ax_attn.set_ylabel("mean attention weight")
+    ax_attn.set_ylim(bottom=0)
+    ax_ppl.set_ylabel("perplexity change (%)")
+    ax_ppl.axhline(0, color="grey", lw=0.8)
+    per_step = _tokens_per_step(next(iter(curves.values())))
+    for ax in (ax_rate, ax_attn, ax_ppl):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        if per_step:
+            top = ax.secondary_xaxis("top", functions=(lambda x, k=per_step: x * k, lambda t, k=per_step: t / k))
+            top.set_xlabel("tokens seen" + (f" ({next(iter(curves))})" if len(curves) > 1 else ""), fontsize=8)
+    ax_rate.set_title("sink metric (Gu et al.)", fontsize=10)
+    ax_attn.set_title("attention mass", fontsize=10)
+    ax_ppl.set_title("eviction gap", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = _save_figure(fig, Path(out))
+    plt.close(fig)
+    return path
+
+
+def plot_sinks(run_dir: str | Path, title: str = "") -> Path | None:
+    """``sinks.png`` in the run folder from its probe records (None when it has none)."""
+    probes = [r for r in read_metrics(run_dir) if r.get("kind") == "probe"]
+    return plot_probe_curves({Path(run_dir).name: probes}, Path(run_dir) / SINKS_PLOT_FILE, title) if probes else None
+
+
+def format_probe(values: dict[str, Any]) -> str:
+    """The probe's console line: sink metric, attention shares, eviction perplexities, seconds."""
+    parts = []
+    if "sink_rate" in values:
+        parts.append(f"sink metric {100 * values['sink_rate']:.1f}%")
+    for key, what in (("first_key_attn", "first key"), ("sink_token_attn", "sink tokens"), ("noop_attn", "no-op")):
+        if key in values:
+            parts.append(f"{what} {values[key]:.3f}")
+    ppl = [f"{k[4:]} {v:.2f}" for k, v in values.items() if EVICTION_KEY.match(k)]
+    if ppl:
+        gap = f" (gap {100 * values['eviction_gap']:+.1f}%)" if "eviction_gap" in values else ""
+        parts.append("ppl " + ", ".join(ppl) + gap)
+    if "seconds" in values:
+        parts.append(f"{values['seconds']:.1f} s")
+    return " | ".join(parts)
 
 
 @dataclass
@@ -248,7 +345,10 @@ class MetricsLogger:
     def log_eval(self, kind: str, step: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "step": step, **values}
         self._write(record)
-        text = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        if kind == "probe":
+            text = format_probe(values)
+        else:
+            text = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
         self.bar.write(f"{kind} @ step {step}: {text}", file=sys.stdout)
         sys.stdout.flush()
 
@@ -260,6 +360,7 @@ class MetricsLogger:
         if self.cfg.plot:
             self.file.flush()
             plot_losses(self.run_dir, self.title)
+            plot_sinks(self.run_dir, self.title)
 
     def close(self) -> None:
         self.bar.close()

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.attention import attend
+from pretrain.chunked_loss import chunked_lm_loss
 from pretrain.config import ModelConfig
 
 
@@ -196,11 +197,23 @@ class Block(nn.Module):
         return self.mlp(self.ln_mlp(x)) + x, probs
 
 
+class VocabHead(nn.Linear):
+    """The untied output embedding. ``head(hidden)`` -> logits; ``head(hidden, labels)`` -> the mean
+    next-token loss, computed in chunks (:mod:`pretrain.chunked_loss`) so the full logits never exist.
+    Both go through the module call, so ZeRO-3 gathers the weight for either."""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(hidden)
+        return chunked_lm_loss(hidden, self.weight, labels)
+
+
 class ModelOutput(NamedTuple):
     # a NamedTuple rather than a dataclass: ZeRO-3's forward hooks look inside tuples for tensors
-    logits: torch.Tensor  # (B, T, padded_vocab)
+    logits: torch.Tensor | None  # (B, T, padded_vocab); None when the loss was asked for instead
     attentions: list[torch.Tensor] | None = None  # per layer (B, H, T, Tk) when requested
     hidden_states: torch.Tensor | None = None  # final hidden states, after ln_f (B, T, C)
+    loss: torch.Tensor | None = None  # mean next-token loss when ``labels`` were given
 
 
 class GPTNeoX(nn.Module):
@@ -213,7 +226,7 @@ class GPTNeoX(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.lm_head = VocabHead(config.hidden_size, config.padded_vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -272,11 +285,16 @@ class GPTNeoX(nn.Module):
         attn_mask: torch.Tensor | None = None,  # extra boolean mask (B|1, H|1, T, T), ANDed with causal
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        labels: torch.Tensor | None = None,  # (B, T) aligned targets (-100 = none): loss instead of logits
     ) -> ModelOutput:
+        """Logits; or, given ``labels``, the mean next-token loss (:func:`lm_loss` of those logits,
+        computed without them: what training calls)."""
         attentions = [] if output_attentions else None
         hidden = self.hidden_states(input_ids, position_ids, cache, attn_mask, attentions)
-        logits = self.lm_head(hidden)  # (B, T, V)
-        return ModelOutput(logits=logits, attentions=attentions, hidden_states=hidden if output_hidden_states else None)
+        extras = dict(attentions=attentions, hidden_states=hidden if output_hidden_states else None)
+        if labels is not None:
+            return ModelOutput(logits=None, loss=self.lm_head(hidden, labels), **extras)
+        return ModelOutput(logits=self.lm_head(hidden), **extras)  # (B, T, V)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

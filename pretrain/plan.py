@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
-from data.shards import read_manifest
+from data.indexed import is_indexed_dataset, open_indexed
+from data.outputs import check_output_file
+from data.pythia_batches import PYTHIA_GLOBAL_BATCH, PYTHIA_TOKENIZER, PythiaBatchLoader
+from data.shards import MANIFEST_NAME, DataError, read_manifest
+from data.verify import split_identity, verify_data
 from pretrain.checkpoints.init_format import check_init_for_training
 from pretrain.checkpoints.training import ResumePoint, check_same_shape, find_resume_point, read_latest
 from pretrain.config import ConfigError
@@ -68,15 +72,100 @@ def _check_resume_compatible(run: RunConfig, point: ResumePoint, manifest: dict[
     if saved_text is not None and saved_text != run.text_tokens:
         raise ConfigError(f"{where} was trained with {saved_text} text tokens per sample; this config has {run.text_tokens}")
     saved_data = saved.get("data", {})
-    for key in ("seed", "shuffle", "train_split"):
+    for key in ("format", "seed", "shuffle", "train_split"):
         if key in saved_data and saved_data[key] != getattr(run.data, key):
             raise ConfigError(f"{where} was trained with data.{key}={saved_data[key]!r}; this config has {getattr(run.data, key)!r}")
+    saved_global = (saved.get("train") or {}).get("global_batch_size")
+    if run.data.format == "pythia" and saved_global not in (None, run.train.global_batch_size):
+        raise ConfigError(f"{where} was trained with train.global_batch_size={saved_global}; this config has {run.train.global_batch_size}")
+    saved_data = point.state.get("train_data")
+    if saved_data and "splits" in manifest and run.data.train_split in manifest["splits"]:
+        data_now = split_identity(manifest, run.data.train_split)
+        if saved_data != data_now:
+            raise ConfigError(
+                f"{where} was trained on other data: split {saved_data.get('split')!r} of {saved_data.get('tokens')} tokens "
+                f"(sha256 {str(saved_data.get('sha256'))[:12]}), but {run.data.path} holds {data_now['tokens']} tokens "
+                f"(sha256 {data_now['sha256'][:12]}); resume with the same data or start a new train.run_dir"
+            )
     saved_world = point.state.get("world_size")
     if saved_world is not None and saved_world != world_size:
         raise ConfigError(
             f"{where} was written by {saved_world} process(es); this run has {world_size}. Resume with the "
             f"same number of processes (ZeRO shards and each rank's data position depend on it)"
         )
+
+
+def _read_prepared(folder: Path, key: str, run: RunConfig) -> dict[str, Any]:
+    """The manifest of the prepared folder ``key`` names, its vocabulary checked against the model."""
+    if not folder.exists():
+        raise ConfigError(f"{key}: {folder} does not exist; prepare it first, e.g. `sinklm data prepare --out {folder}`")
+    if not (folder / MANIFEST_NAME).is_file() and is_indexed_dataset(folder):
+        hint = " (or set data.format=pythia to train on its samples in order)" if key == "data.path" else ""
+        raise ConfigError(f"{key}: {folder} is a Megatron indexed dataset, not a folder written by `sinklm data prepare`{hint}")
+    manifest = read_manifest(folder)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if vocab != run.model.vocab_size:
+        raise ConfigError(
+            f"vocabulary mismatch: {folder}/manifest.json was tokenized with a {vocab}-token vocabulary "
+            f"({manifest['tokenizer'].get('spec')}) but model.vocab_size is {run.model.vocab_size}"
+        )
+    return manifest
+
+
+def _has_validation(run: RunConfig, manifest: dict[str, Any]) -> bool:
+    folder = run.validation_dir
+    if folder is None:
+        return False
+    if folder != run.data.path or run.data.format != "shards":
+        manifest = _read_prepared(Path(folder), "data.validation_path", run)
+        if run.data.validation_split not in manifest["splits"]:
+            raise ConfigError(
+                f"data.validation_path: {folder} has no split {run.data.validation_split!r} "
+                f"(has {', '.join(manifest['splits'])}); set data.validation_split"
+            )
+    return run.data.validation_split in manifest["splits"]
+
+
+def pythia_loader(run: RunConfig, rank: int, world_size: int) -> PythiaBatchLoader:
+    """The ``data.format: pythia`` training loader at ``data.start_step`` (``plan_run`` builds one to
+    check the data; the trainer builds its own)."""
+    return PythiaBatchLoader(
+        run.data.path,
+        run.train.micro_batch_size,
+        run.model.sink_token_ids,
+        rank,
+        world_size,
+        global_batch_size=run.train.global_batch_size or PYTHIA_GLOBAL_BATCH,
+        sample_tokens=run.text_tokens + 1,
+        start_step=run.data.start_step or 0,
+        model_vocab_size=run.model.padded_vocab_size,
+    )
+
+
+def _check_pythia_data(run: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """Sample length, global batch, start step and run length against the dataset (a header and one
+    size read); returns the tokenizer record a checkpoint keeps in place of a manifest's."""
+    gradient_accumulation_steps(run, env.world_size)  # the global batch splits into whole micro-batches
+    try:
+        dataset = open_indexed(run.data.path)
+    except DataError as err:
+        raise ConfigError(f"data.path (data.format=pythia): {err}") from None
+    if not len(dataset):
+        raise ConfigError(f"data.path (data.format=pythia): {dataset.idx_path} holds no samples")
+    k, have = run.model.sink_tokens, int(dataset.sizes[0])
+    if have != run.text_tokens + 1:
+        raise ConfigError(
+            f"data.text_tokens: {run.text_tokens} text tokens per sample need samples of {run.text_tokens + 1} tokens, "
+            f"but {dataset.idx_path} holds samples of {have} (set data.text_tokens={have - 1}, data.seq_len={k + have - 1} "
+            f"and model.max_seq_len >= {k + have - 1})"
+        )
+    loader = pythia_loader(run, env.rank, env.world_size)
+    if run.train.max_steps > loader.num_steps:
+        raise ConfigError(
+            f"train.max_steps={run.train.max_steps} exceeds the {loader.num_steps} whole steps of "
+            f"{loader.global_batch_size} samples in {dataset.idx_path}"
+        )
+    return {"tokenizer": dict(PYTHIA_TOKENIZER, vocab_size=run.model.vocab_size)}
 
 
 def check_probe(run: RunConfig, probe: ProbeFn | None) -> None:
@@ -91,24 +180,23 @@ def plan_run(run: RunConfig, probe: ProbeFn | None = None) -> Plan:
     """Validate data, tokenizer, vocabulary, probe and resume folder; raise ConfigError / DataError.
     ``probe`` is the evaluation function the trainer will get (``probe.every > 0`` needs one)."""
     env = read_dist_env()
-    data_dir = Path(run.data.path)
-    if not data_dir.exists():
-        raise ConfigError(
-            f"data.path: {data_dir} does not exist; prepare it first, e.g. `sinklm data prepare --out {data_dir}`"
-        )
-    manifest = read_manifest(data_dir)
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    if vocab != run.model.vocab_size:
-        raise ConfigError(
-            f"vocabulary mismatch: {data_dir}/manifest.json was tokenized with a {vocab}-token vocabulary "
-            f"({manifest['tokenizer'].get('spec')}) but model.vocab_size is {run.model.vocab_size}"
-        )
-    splits = manifest["splits"]
-    if run.data.train_split not in splits:
-        raise ConfigError(f"data.train_split: {data_dir} has no split {run.data.train_split!r} (has {', '.join(splits)})")
-    has_validation = run.data.validation_split in splits
+    try:
+        check_output_file(run.train.run_dir, "train.run_dir folder")  # a file there failed only after DeepSpeed start-up
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if run.data.format == "pythia":
+        manifest = _check_pythia_data(run, env)
+    else:
+        manifest = _read_prepared(Path(run.data.path), "data.path", run)
+        splits = manifest["splits"]
+        if run.data.train_split not in splits:
+            raise ConfigError(f"data.train_split: {run.data.path} has no split {run.data.train_split!r} (has {', '.join(splits)})")
+    has_validation = _has_validation(run, manifest)
     if run.probe.every and not has_validation:
-        raise ConfigError(f"probe.every: the probe streams the validation split, but {data_dir} has no {run.data.validation_split!r}")
+        raise ConfigError(
+            f"probe.every: the probe streams the validation split, but {run.validation_dir or 'data.validation_path (unset)'} "
+            f"has no {run.data.validation_split!r}"
+        )
     check_probe(run, probe)
     if run.train.init_from:
         check_init_for_training(Path(run.train.init_from))
@@ -117,4 +205,6 @@ def plan_run(run: RunConfig, probe: ProbeFn | None = None) -> Plan:
     point = _resume_point(run)
     if point is not None:
         _check_resume_compatible(run, point, manifest, env.world_size)
+    if run.data.format != "pythia":  # the first expensive step, after every cheap check: shards vs sha256 (cached)
+        verify_data(run.data.path, [run.data.train_split, run.data.validation_split], manifest, progress=env.is_main)
     return Plan(run, env, precision, grad_accum, manifest, point, has_validation)

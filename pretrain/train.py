@@ -17,6 +17,7 @@ all before touching DeepSpeed, so bad input fails in a second) -> build the mode
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -28,8 +29,9 @@ import torch.distributed as dist
 import yaml
 
 from data.loader import SampleLoader
-from data.settings import split_cli_overrides
+from data.settings import ArgumentParser, split_cli_overrides
 from data.shards import DataError, TokenStream
+from data.verify import split_identity
 from pretrain.checkpoints import load_init_for_training
 from pretrain.checkpoints.training import (
     ResumePoint,
@@ -42,9 +44,9 @@ from pretrain.checkpoints.training import (
 from pretrain.config import ConfigError
 from pretrain.distributed import deepspeed_config, init_distributed, initialize_engine, shutdown
 from pretrain.metrics import MetricsLogger, StepStats, guess_peak_tflops, truncate_metrics
-from pretrain.model import GPTNeoX, lm_loss
+from pretrain.model import GPTNeoX
 from pretrain.optim import WarmupCosine, build_optimizer, set_lr
-from pretrain.plan import Plan, ProbeFn, check_probe, plan_run
+from pretrain.plan import Plan, ProbeFn, check_probe, plan_run, pythia_loader
 from pretrain.train_config import resolve_config
 
 __all__ = ["Plan", "ProbeFn", "Trainer", "build_parser", "main", "plan_run"]
@@ -61,11 +63,13 @@ class Trainer:
         self.plan = plan
         self.probe_fn = probe
         self.run = plan.run
+        self.probe_every = plan.run.probe.interval(probe is not None and plan.has_validation)
         self.env = plan.env
         self.run_dir = Path(self.run.train.run_dir)
         self.step = 0
         self.tokens_seen = 0
         self.stop_requested = False
+        self.stop_signal = ""  # "SIGTERM" or "SIGINT" (Ctrl-C) once one asked the run to save and stop
         self.log: MetricsLogger | None = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -83,13 +87,13 @@ class Trainer:
         self.ds_config = deepspeed_config(run, env.world_size, self.plan.precision)
         self.engine, self.optimizer = initialize_engine(model, optimizer, self.ds_config)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
-        if run.train.compile:
+        if run.train.compile_on(env.device.type):
             self.engine.compile()  # compiles the module in place: checkpoint keys stay the same
 
-        def loader(split: str, **order) -> SampleLoader:
+        def loader(folder: str, split: str, **order) -> SampleLoader:
             # train and validation cut samples identically; only the order differs
             return SampleLoader(
-                run.data.path,
+                folder,
                 split,
                 seq_len=run.seq_len,
                 micro_batch_size=run.train.micro_batch_size,
@@ -101,13 +105,19 @@ class Trainer:
                 **order,
             )
 
-        self.loader = loader(run.data.train_split, seed=run.data.seed, shuffle=run.data.shuffle)
-        self.val_loader = loader(run.data.validation_split, shuffle=False) if self.plan.has_validation else None
+        if run.data.format == "pythia":  # Pythia's batches from data.start_step; the step counter starts there
+            self.loader, self.step = pythia_loader(run, env.rank, env.world_size), run.data.start_step or 0
+        else:
+            self.loader = loader(run.data.path, run.data.train_split, seed=run.data.seed, shuffle=run.data.shuffle)
+        has_val = self.plan.has_validation
+        self.val_loader = loader(run.validation_dir, run.data.validation_split, shuffle=False) if has_val else None
         if self.plan.resume is not None:
             self._resume(self.plan.resume)
         if env.is_main:
             self._start_run_folder()
-        signal.signal(signal.SIGTERM, self._on_sigterm)  # schedulers preempt with SIGTERM: save, then exit
+        signal.signal(signal.SIGTERM, self._on_stop_signal)  # schedulers preempt with SIGTERM: save, then exit
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
+            signal.signal(signal.SIGINT, self._on_stop_signal)  # Ctrl-C: the same; a second one aborts at once
 
     def _resume(self, point: ResumePoint) -> None:
         client = load_checkpoint(self.engine, point)
@@ -152,8 +162,14 @@ class Trainer:
             f"({cfg.sink_tokens} sink + {run.text_tokens} text) per step"
         )
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_requested and signum == signal.SIGINT:
+            print(f"sinklm train: second {name}: aborting without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if signum == signal.SIGINT and self.env.is_main:
+            print(f"sinklm train: {name}: saving after this step, then exiting (again to abort)", file=sys.stderr, flush=True)
+        self.stop_requested, self.stop_signal = True, name
 
     # ---- loop --------------------------------------------------------------------------------
 
@@ -180,8 +196,7 @@ class Trainer:
                 text_crc = zlib.crc32(batch["input_ids"][:, k:].numpy().tobytes(), text_crc)
                 input_ids = batch["input_ids"].to(self.env.device, non_blocking=True)
                 labels = batch["labels"].to(self.env.device, non_blocking=True)
-                logits = self.engine(input_ids).logits  # (B, L, V)
-                loss = lm_loss(logits, labels)
+                loss = self.engine(input_ids, labels=labels).loss  # chunked: no (B, L, V) logits
                 self.engine.backward(loss)
                 loss_sum += loss.detach()
                 if micro == self.plan.grad_accum - 1 and self._needs_own_grad_norm():
@@ -210,18 +225,18 @@ class Trainer:
             done = self.step >= max_steps
             if run.train.eval_every and self.step % run.train.eval_every == 0 and not done:
                 self.validate()
-            if run.probe.every and self.step % run.probe.every == 0 and not done:
+            if self.probe_every and self.step % self.probe_every == 0 and not done:
                 self.probe()
             if (run.checkpoint.every and self.step % run.checkpoint.every == 0) or stop:
                 self.save()
                 last_saved = self.step
             if stop:
                 if self.log:
-                    self.log.message(f"SIGTERM: saved step {self.step}; exiting (rerun the same command to resume)")
+                    self.log.message(f"{self.stop_signal or 'a stop signal on another rank'}: saved step {self.step}; exiting (rerun the same command to resume)")
                 break
         else:
             self.validate()
-            if run.probe.every:
+            if self.probe_every:
                 self.probe()
             if run.checkpoint.save_at_end and last_saved != self.step:
                 self.save()
@@ -259,7 +274,7 @@ class Trainer:
         of the validation split (the same samples every time)."""
         if self.val_loader is None:
             if self.log:
-                self.log.message(f"no {self.run.data.validation_split!r} split in {self.run.data.path}: validation skipped")
+                self.log.message(f"no {self.run.data.validation_split!r} split in {self.run.validation_dir or 'data.validation_path (unset)'}: validation skipped")
             return None
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # summed NLL, target count
@@ -269,9 +284,8 @@ class Trainer:
                 break
             input_ids = batch["input_ids"].to(self.env.device)
             labels = batch["labels"].to(self.env.device)
-            logits = self.engine(input_ids).logits
             count = (labels != -100).sum()
-            total[0] += lm_loss(logits, labels).double() * count
+            total[0] += self.engine(input_ids, labels=labels).loss.double() * count
             total[1] += count
         if self.env.world_size > 1:
             dist.all_reduce(total)
@@ -283,15 +297,20 @@ class Trainer:
 
     @torch.no_grad()
     def probe(self) -> None:
-        """The probe function (given by the caller) on the start of the validation split.
-        Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 logs."""
+        """The probe function (given by the caller) on the start of the validation split, on rank 0;
+        under ZeRO-3 every rank runs it (its forward passes gather the parameters collectively).
+        Rank 0 logs the values with the tokens seen and the probe's seconds."""
+        if self.zero_stage != 3 and not self.env.is_main:
+            return
         probe = self.run.probe
-        text = torch.from_numpy(TokenStream(self.run.data.path, self.run.data.validation_split)[: probe.num_tokens])
+        began = time.perf_counter()
+        text = torch.from_numpy(TokenStream(self.run.validation_dir, self.run.data.validation_split)[: probe.num_tokens])
         self.engine.eval()
         values = self.probe_fn(self.engine.module, text, probe)
         self.engine.train()
         if self.log:
-            self.log.log_eval("probe", self.step, values)
+            seconds = round(time.perf_counter() - began, 3)
+            self.log.log_eval("probe", self.step, {**values, "tokens_seen": self.tokens_seen, "seconds": seconds})
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -305,6 +324,7 @@ class Trainer:
             "variant": run.model.variant,
             "sink_token_ids": run.model.sink_token_ids,
             "tokenizer": dict(self.plan.manifest["tokenizer"]),
+            "train_data": split_identity(self.plan.manifest, run.data.train_split) if "splits" in self.plan.manifest else None,
             "code_version": code_version(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": run.to_dict(),
@@ -323,7 +343,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm train",
         description="Pretrain a GPT-NeoX model (vanilla, softmax1, sink_logit or sink tokens) with DeepSpeed. "
         "Config files are merged in order; --section.key=value overrides any field "
@@ -374,9 +394,12 @@ def main(argv: list[str] | None = None, probe: ProbeFn | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"sinklm train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save yet
+        print("sinklm train: interrupted (SIGINT) during start-up, before any step: nothing to save", file=sys.stderr)
+        return 130
     code = trainer.fit()
     shutdown()
-    return code
+    return 130 if trainer.stop_signal == "SIGINT" else code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ File shape (every section optional except ``data.path``)::
     logging: {log_every: 10}
     wandb: {mode: disabled}
     deepspeed: {config: zero1}      # configs/deepspeed/zero1.json, or a path to a JSON file
-    probe: {every: 0}               # periodic streaming-perplexity probe (off)
+    probe: {every: 0}               # the sink / eviction-gap probe (0 = off; null, the default: every 200 steps)
 
 Unknown keys anywhere are errors naming the key path. The resolved config (``model`` as a full
 :class:`ModelConfig` mapping, every default filled in) is what the run saves as ``config.yaml``;
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data.pythia_batches import PYTHIA_GLOBAL_BATCH
 from data.settings import apply_override, deep_merge, load_config_file, parse_override
 from pretrain.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, load_yaml, preset_path, to_dict
 
@@ -55,7 +56,26 @@ class DataConfig:
     """Where the tokenized shards are and how samples are cut (see ``data.loader.SampleLoader``)."""
 
     path: str = ""
-    """Folder written by ``sinklm data prepare`` (holds ``manifest.json``). Required."""
+    """Folder written by ``sinklm data prepare`` (holds ``manifest.json``); with ``format: pythia``
+    a Megatron indexed dataset (a prefix, its ``.idx``, or a folder holding one ``.idx``). Required."""
+
+    format: Literal["shards", "pythia"] = "shards"
+    """``shards``: ``path`` is a prepared folder, cut into windows (``data.loader``). ``pythia``:
+    ``path`` is Pythia's pre-shuffled Pile (``document.idx`` + ``document-000NN-of-00020.bin``) or
+    any Megatron dataset of equal-length samples; step s trains on samples [s G, (s+1) G) with
+    G = ``train.global_batch_size`` (null = Pythia's 1024), each ``text_tokens + 1`` long (Pythia:
+    2049, so ``seq_len`` = sinks + 2048); ``seed``, ``shuffle`` and ``train_split`` do not apply
+    (``data.pythia_batches``)."""
+
+    start_step: int | None = None
+    """``format: pythia`` only: the step a fresh run starts at (e.g. 100000, continuing Pythia's
+    ``step100000`` from ``train.init_from``): it trains on the batches from that step on, and the
+    learning-rate schedule and step counter start there, so ``train.max_steps`` is the last step
+    counted from Pythia's step 0. ``null`` = 0. A resumed run continues from its checkpoint."""
+
+    validation_path: str | None = None
+    """A prepared folder whose ``validation_split`` gives the validation loss and the probe's
+    text; ``null`` = ``path`` for ``format: shards``, no validation for ``format: pythia``."""
 
     train_split: str = "train"
     """Split trained on."""
@@ -110,9 +130,14 @@ class TrainConfig:
     eval_batches: int = 8
     """Micro-batches per rank in each validation pass (the same samples every time)."""
 
-    compile: bool = False
-    """``torch.compile`` the model inside the DeepSpeed engine (GPU; about a minute of compiling,
-    then ~25% more tokens/s for Pythia-160M on an H200)."""
+    compile: Literal["auto", True, False] = "auto"
+    """``torch.compile`` the model inside the DeepSpeed engine: ``auto`` = on for CUDA, off for a CPU
+    (where compiling costs minutes and gains little); ``true``/``false`` force it. On a GPU it costs
+    about a minute of compiling, then ~25% more tokens/s for Pythia-160M on an H200."""
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether ``compile`` means compiling on a ``device_type`` (``cuda``, ``cpu``) device."""
+        return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
 
     init_from: str | None = None
     """An initial checkpoint folder (``sinklm convert --to init``) loaded before DeepSpeed starts."""
@@ -215,18 +240,40 @@ class DeepSpeedSection:
     """Merged (recursively) into the JSON, e.g. ``{zero_optimization: {overlap_comm: true}}``."""
 
 
+DEFAULT_PROBE_EVERY = 200
+"""``probe.every: null``: steps between probes; at this interval the probe adds under 2% to a
+CPU quickstart run (``benchmarks/bench_probe.py``)."""
+
+
 @dataclass
 class ProbeConfig:
-    """Periodic streaming-perplexity probe; needs an evaluation function from the caller
-    (``sinklm train`` passes ``inference.probe.streaming_probe``)."""
+    """Periodic probe on the validation split: Gu et al.'s sink metric, the attention on the first
+    key (and on the sink tokens / the extra key of softmax1, sink_logit) and the eviction gap;
+    needs an evaluation function from the caller (``sinklm train`` passes
+    ``inference.probe.streaming_probe``)."""
 
-    every: int = 0
-    """Run every N steps (0 = off)."""
+    every: int | None = None
+    """Run every N steps (0 = off; ``null`` = every ``DEFAULT_PROBE_EVERY`` steps when the trainer
+    has a probe function and a validation split, else off). Also after the last step."""
 
     start_size: int = 4
+    """Start tokens of the probe's own cache (its ``loss`` / ``ppl``)."""
     recent_size: int = 252
+    """Recent tokens of that cache; W = start_size + recent_size is the eviction gap's cache size."""
     num_tokens: int = 2048
-    """Tokens of the validation split streamed through the sink + window cache."""
+    """Tokens from the start of the validation split that the probe reads (stream and sink inputs)."""
+    eviction_starts: list[int] = field(default_factory=lambda: [0, 1, 4])
+    """Start sizes s of the eviction gap: perplexity under s + (W - s) caches."""
+    sink_inputs: int = 64
+    """Inputs of the sink metric (Gu et al.: 64)."""
+    sink_length: int = 64
+    """Tokens per sink-metric input (Gu et al.: 64)."""
+
+    def interval(self, available: bool) -> int:
+        """Steps between probes (0 = none); ``available``: a probe function and a validation split."""
+        if self.every is None:
+            return DEFAULT_PROBE_EVERY if available else 0
+        return self.every
 
 
 @dataclass
@@ -255,6 +302,14 @@ class RunConfig:
         return self.data.text_tokens if self.data.text_tokens is not None else self.seq_len - self.model.sink_tokens
 
     @property
+    def validation_dir(self) -> str | None:
+        """Where the validation split is read (``data.validation_path``, else ``data.path`` for
+        shards); None: no validation source."""
+        if self.data.validation_path:
+            return self.data.validation_path
+        return self.data.path if self.data.format == "shards" else None
+
+    @property
     def sample_len(self) -> int:
         """Tokens the model sees per sample: sink tokens + text tokens."""
         return self.model.sink_tokens + self.text_tokens
@@ -267,6 +322,15 @@ class RunConfig:
 
         if not self.data.path:
             fail("data.path", "required: the folder written by `sinklm data prepare`")
+        if self.data.start_step is not None:
+            if self.data.format != "pythia":
+                fail("data.start_step", f"only applies to data.format=pythia (found format {self.data.format!r})")
+            if not 0 <= self.data.start_step < self.train.max_steps:
+                fail(
+                    "data.start_step",
+                    f"must be in [0, train.max_steps={self.train.max_steps}) (max_steps counts from step 0), "
+                    f"got {self.data.start_step}",
+                )
         if self.text_tokens < 1:
             fail("data.text_tokens", f"must be >= 1, got {self.text_tokens}")
         if self.sample_len > self.model.max_seq_len:
@@ -282,10 +346,19 @@ class RunConfig:
             ("train.eval_every", self.train.eval_every),
             ("checkpoint.every", self.checkpoint.every),
             ("checkpoint.keep_last", self.checkpoint.keep_last),
-            ("probe.every", self.probe.every),
+            ("probe.every", self.probe.every or 0),
         ):
             if value < 0:
                 fail(key, f"must be >= 0, got {value}")
+        probe, cache = self.probe, self.probe.start_size + self.probe.recent_size
+        if probe.start_size < 0 or probe.recent_size < 1:
+            fail("probe.recent_size", f"the probe's cache needs start_size >= 0 and recent_size >= 1, got {probe.start_size} + {probe.recent_size}")
+        for s in probe.eviction_starts:
+            if not 0 <= s < cache:
+                fail("probe.eviction_starts", f"each start size must be in 0..{cache - 1} (W = start_size + recent_size), got {s}")
+        if probe.sink_inputs < 1 or probe.sink_length < 2 or probe.num_tokens < max(2, probe.sink_length):
+            fail("probe.num_tokens", f"need sink_inputs >= 1, sink_length >= 2 and num_tokens >= sink_length; got "
+                 f"{probe.sink_inputs}, {probe.sink_length}, {probe.num_tokens}")
         if self.logging.log_every < 1:
             fail("logging.log_every", f"must be >= 1, got {self.logging.log_every}")
         opt = self.optimizer
@@ -380,6 +453,8 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
                 f"(Pythia's: {', '.join(f'{k} {v:g}' for k, v in PYTHIA_LR.items() if k.startswith('pythia'))})"
             )
         run.optimizer.lr = PYTHIA_LR[model.name]
+    if run.data.format == "pythia" and run.train.global_batch_size is None:
+        run.train.global_batch_size = PYTHIA_GLOBAL_BATCH
     run.optimizer.betas = tuple(run.optimizer.betas)  # type: ignore[assignment]
     if len(run.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers, found {list(run.optimizer.betas)}")

@@ -13,6 +13,7 @@ import sys
 # by their joined words.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data prepare": ("data.prepare", "tokenize a corpus into memory-mapped token shards"),
+    "data verify": ("data.verify", "check prepared shards against their manifest's sha256 and vocabulary"),
     "train": ("sinklm.train", "pretrain a model with DeepSpeed (any attention variant, sink tokens)"),
     "convert": ("pretrain.convert", "convert DeepSpeed checkpoints <-> Hugging Face folders"),
     "stream-ppl": ("inference.stream_ppl", "streaming perplexity under a sink + window cache"),
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             result = module.main(argv[words:])
             return int(result or 0)
-    print(f"sinklm: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+    print(f"sinklm: error: unknown command {argv[0]!r}; expected one of: {', '.join(SUBCOMMANDS)} (see sinklm --help)", file=sys.stderr)
     return 2
 
 

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Literal
 
 from data.prepare import PrepareSettings, prepare_with
-from data.settings import ConfigError, apply_override, from_dict, load_yaml, parse_override, to_dict
+from data.settings import ArgumentParser, ConfigError, apply_override, from_dict, load_yaml, parse_override, to_dict
 from data.shards import DataError
 from inference.compare import CompareSettings, run_compare
 from inference.compare_report import CompareResult
 from inference.zeroshot import ZeroShotSettings, run_zeroshot
 from pretrain.checkpoints import CheckpointError, ExportSettings, convert
-from pretrain.train_config import resolve_config
+from pretrain.train_config import RunConfig, resolve_config
 from sinklm.report import write_report
 from sinklm.stages import Stages
 
@@ -138,7 +138,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
         if not config_file.is_file():
             raise ConfigError(f"{path}: experiment.variants.{name}: training config not found: {cfg.variants[name]}")
         try:
-            resolve_config([config_file], [o.lstrip("-") for o in cfg.train_overrides])
+            variant_run(cfg, base, name)
         except ConfigError as err:
             raise ConfigError(f"{path}: experiment.variants.{name} with train_overrides: {err}") from None
     return cfg, base
@@ -148,6 +148,11 @@ def variant_config(cfg: ExperimentConfig, base: Path, name: str) -> Path:
     """A variant's training config: relative to the experiment file, else as given."""
     file = cfg.variants[name]
     return (base / file) if (base / file).is_file() else Path(file)
+
+
+def variant_run(cfg: ExperimentConfig, base: Path, name: str) -> RunConfig:
+    """A variant's resolved training config, with the experiment's ``train_overrides``."""
+    return resolve_config([variant_config(cfg, base, name)], [o.lstrip("-") for o in cfg.train_overrides])
 
 
 class StageFailed(RuntimeError):
@@ -199,7 +204,9 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     planned = (["prepare"] if cfg.prepare.enabled else []) + [f"{kind}-{n}" for n in cfg.variants for kind in ("train", "export")]
     planned += ["compare"] + (["zeroshot"] if cfg.zeroshot.enabled else [])
-    stages = Stages(report, planned)
+    # the ETA of training: each variant's configured steps at the step time its runs measure
+    train_runs = {f"train-{n}": (report / "runs" / n, variant_run(cfg, config_base, n).train.max_steps) for n in cfg.variants}
+    stages = Stages(report, planned, train_runs)
     data_path = Path(cfg.data_path) if cfg.data_path else report / "data"
     started = time.time()
 
@@ -240,7 +247,7 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinklm experiment",
         description="Run an experiment end to end (prepare, train every variant, export, streaming comparison, "
         "zero-shot) and write a report; re-running skips finished stages.",

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from data.settings import load_yaml
-from inference.compare_report import CompareResult, table_markdown
+from inference.compare_report import CompareResult, same_tokens_table, table_markdown
+from pretrain.metrics import SINKS_PLOT_FILE, plot_probe_curves, read_metrics
 from sinklm.summary import ModelResult, summarise
 
 
@@ -56,8 +57,6 @@ def collect_results(compared: CompareResult) -> list[ModelResult]:
 
 def plot_all_losses(runs: dict[str, Path], out: Path) -> Path | None:
     """One figure with every variant's training and validation loss, for side-by-side reading."""
-    from pretrain.metrics import read_metrics
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,13 +94,35 @@ def plot_all_losses(runs: dict[str, Path], out: Path) -> Path | None:
 
 
 def _final_losses(run: Path) -> tuple[float | None, float | None, int, int]:
-    from pretrain.metrics import read_metrics
-
     records = read_metrics(run)
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     tokens = int(train[-1].get("tokens_seen", 0)) if train else 0
     return (train[-1]["loss"] if train else None, val[-1]["loss"] if val else None, train[-1]["step"] if train else 0, tokens)
+
+
+def _sinks_during_training(runs: dict[str, Path], plots: Path) -> list[str]:
+    """The probe's curves of every variant in one figure (and each run's own ``sinks.png``)."""
+    curves = {name: [r for r in read_metrics(run) if r.get("kind") == "probe"] for name, run in runs.items()}
+    if not plot_probe_curves(curves, plots / "sinks_curves.png", "attention sinks during training, every variant"):
+        return []
+    for name, run in runs.items():
+        if (run / SINKS_PLOT_FILE).is_file():
+            shutil.copyfile(run / SINKS_PLOT_FILE, plots / f"sinks_{name}.png")
+    lines = ["## Attention sinks during training", "",
+             "The training probe on the start of the validation split: Gu et al.'s sink metric, the attention on the first "
+             "key (on the sink tokens, dashed; on the extra key of softmax1 / sink_logit, dotted) and the perplexity under "
+             "caches s+(W-s), against training step (tokens seen on the top axis).", "",
+             "![probe curves](plots/sinks_curves.png)", ""]
+    last = {name: rows[-1] for name, rows in curves.items() if rows}
+    if last:
+        lines += ["| variant | step | sink metric | eviction gap (ppl 0+W over the largest s) |", "|---|---:|---:|---:|"]
+        for name, r in last.items():
+            rate = f"{r['sink_rate']:.1%}" if "sink_rate" in r else "-"
+            gap = f"{r['eviction_gap']:+.2%}" if "eviction_gap" in r else "-"
+            lines.append(f"| {name} | {r['step']} | {rate} | {gap} |")
+        lines.append("")
+    return lines
 
 
 def write_report(cfg, report: Path, compared: CompareResult, timings: dict[str, float], wall: float) -> Path:
@@ -132,8 +153,15 @@ def write_report(cfg, report: Path, compared: CompareResult, timings: dict[str, 
         lines += ["## Training", "", "![loss curves](plots/loss_curves.png)", ""]
         lines += ["Per variant: " + ", ".join(f"[{n}](plots/loss_{n}.png)" for n in runs if (plots / f"loss_{n}.png").is_file()), ""]
 
+    lines += _sinks_during_training(runs, plots)
+
     compare = report / "compare"
-    lines += ["## Streaming perplexity (the paper's Table 3)", "", table_markdown(compared).strip(), ""]
+    lines += ["## Streaming perplexity (the paper's Table 3)", ""]
+    like_for_like = same_tokens_table(compared)
+    if like_for_like:
+        lines += ["### Like for like: every column on the same tokens", "", *like_for_like,
+                  "### Full length: each column on the tokens it scored (not comparable across columns)", ""]
+    lines += [table_markdown(compared).strip(), ""]
     lines += [f"Cache size W = {compared.settings['cache_size']}; columns s+(W-s) keep s initial tokens; "
               "`dense` attends to everything (over a prefix), `recompute` is the sliding window with re-computation.", ""]
     lines += ["![log-perplexity against tokens streamed](compare/ppl_curves.png)", ""]

@@ -4,16 +4,18 @@ Hugging Face folder or an initial checkpoint -- the API behind ``sinklm convert`
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from data.settings import at_least
 from pretrain.checkpoints.dtypes import DTYPE_CHOICES, parse_dtype
 from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.export import check_output_folder, export_hf, export_init
+from pretrain.checkpoints.export import check_export_folder, export_hf, export_init
 from pretrain.checkpoints.read import read_checkpoint
+from pretrain.checkpoints.training import step_of
 from pretrain.checkpoints.transform import add_sink_tokens, set_attention
 from pretrain.config import ATTENTION_KINDS
 
@@ -34,16 +36,16 @@ class ExportSettings:
     """split HF weights into shards above this size"""
     tokenizer: str | None = None
     """tokenizer.json / folder / hub name (default: the one the checkpoint names)"""
-    text_vocab_size: int | None = None
+    text_vocab_size: int | None = field(default=None, metadata=at_least(1))
     """text tokens of a stock HF folder without a tokenizer (default 50277 for Pythia)"""
-    add_sink_tokens: int | None = None
+    add_sink_tokens: int | None = field(default=None, metadata=at_least(1))
     """add K sink tokens (embedding = mean text-token embedding)"""
     attention: Literal[ATTENTION_KINDS] | None = None
     """switch the attention kernel"""
     sink_logit_init: float | None = None
     """initial b_h when switching to sink_logit (default: the config's)"""
     overwrite: bool = False
-    """replace a non-empty output folder"""
+    """replace an earlier export in the output folder (anything else there is refused, never deleted)"""
 
 
 def convert(source: str | Path, output: str | Path, settings: ExportSettings | None = None) -> Path:
@@ -51,11 +53,12 @@ def convert(source: str | Path, output: str | Path, settings: ExportSettings | N
     ``sinklm convert``. Returns the output folder; bad input is a one-line :class:`CheckpointError`."""
     s = settings or ExportSettings()
     dtype = parse_dtype(s.dtype)
-    check_output_folder(output, s.overwrite)  # before reading a possibly large checkpoint
+    max_shard_size = check_max_shard_size(s.max_shard_size)
+    inputs = _source_folders(Path(source))
+    check_export_folder(output, s.overwrite, inputs)  # before reading a possibly large checkpoint
     ckpt = read_checkpoint(source, tag=s.tag, tokenizer=s.tokenizer, text_vocab_size=s.text_vocab_size, revision=s.revision)
-    src, out = ckpt.path.resolve(), Path(output).resolve()  # type: ignore[union-attr]
-    if out == src or src in out.parents:
-        raise CheckpointError(f"output {out} must not be the source folder or inside it")
+    inputs = [*inputs, *_source_folders(ckpt.path)]  # type: ignore[arg-type]
+    check_export_folder(output, s.overwrite, inputs)  # a hub snapshot's folder is known only now
     target = s.to or ("init" if ckpt.format == "hf" else "hf")
     if target == "init" and dtype != torch.float32:
         raise CheckpointError(f"--dtype {s.dtype}: initial checkpoints are always fp32")
@@ -67,8 +70,28 @@ def convert(source: str | Path, output: str | Path, settings: ExportSettings | N
     for note in ckpt.notes:
         print(f"note:   {note}", file=sys.stderr)
     if target == "init":
-        export_init(ckpt, output, overwrite=s.overwrite)
+        export_init(ckpt, output, overwrite=s.overwrite, inputs=inputs)
     else:
-        export_hf(ckpt, output, dtype=dtype, max_shard_size=s.max_shard_size, overwrite=s.overwrite)
+        export_hf(ckpt, output, dtype=dtype, max_shard_size=max_shard_size, overwrite=s.overwrite, inputs=inputs)
     print(f"wrote {target} checkpoint: {output}", file=sys.stderr)
     return Path(output)
+
+
+def _source_folders(path: Path | None) -> list[Path]:
+    """The local folders a conversion reads (a ``global_stepN`` folder's run folder too): never written to."""
+    if path is None or not path.exists():
+        return []
+    return [path, path.parent] if step_of(path.name) is not None else [path]
+
+
+def check_max_shard_size(size: int | str) -> int:
+    """``--max-shard-size``: a positive byte count or a size such as 500MB / 5GB (checked before any reading)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        value = size if isinstance(size, int) else int(size) if size.strip().isdigit() else parse_size_to_int(size)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise CheckpointError(f"--max-shard-size: expected a positive size such as 500MB or 5GB, found {size!r}")
+    return value

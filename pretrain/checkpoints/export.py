@@ -9,18 +9,21 @@ modelling code (:mod:`pretrain.hf_export`, see :mod:`pretrain.checkpoints.hf_con
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from data.outputs import building, check_output_folder
 from pretrain.checkpoints.dtypes import parse_dtype
 from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.hf_config import hf_config_dict, sinklm_record
-from pretrain.checkpoints.init_format import save_init_checkpoint
+from pretrain.checkpoints.hf_config import hf_config_dict, read_config_json, sinklm_record
+from pretrain.checkpoints.init_format import CONFIG_FILE as INIT_CONFIG_FILE
+from pretrain.checkpoints.init_format import is_init_checkpoint, save_init_checkpoint
 from pretrain.checkpoints.load import load_tokenizer_for
 from pretrain.checkpoints.model_card import model_card
 from pretrain.checkpoints.read import Checkpoint
@@ -36,12 +39,13 @@ def export_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     tokenizer: Any | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write a Hugging Face folder for ``ckpt`` (see the module docstring); returns the folder."""
     cfg = ckpt.config
     dtype = parse_dtype(dtype)
     tok = tokenizer if tokenizer is not None else load_tokenizer_for(ckpt)
-    with _output_folder(out, overwrite) as tmp:
+    with _output_folder(out, overwrite, inputs) as tmp:
         hf_state = to_hf_state_dict({k: v.to(dtype) for k, v in ckpt.state.items()})
         _write_safetensors(hf_state, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
@@ -55,11 +59,11 @@ def export_hf(
     return Path(out)
 
 
-def export_init(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Path:
+def export_init(ckpt: Checkpoint, out: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
     """Write an initial checkpoint (fp32, our names) for ``train.init_from``. When the source names a
     tokenizer (e.g. a HF folder's own), its files go along, so converting back keeps it."""
     tok = load_tokenizer_for(ckpt) if ckpt.tokenizer_spec is not None else None
-    with _output_folder(out, overwrite) as tmp:
+    with _output_folder(out, overwrite, inputs) as tmp:
         state = {k: v.to(torch.float32) for k, v in tqdm(ckpt.state.items(), desc="fp32", leave=False)}
         save_init_checkpoint(tmp, ckpt.config, state)
         if tok is not None:
@@ -106,31 +110,32 @@ def _write_safetensors(hf_state: dict[str, torch.Tensor], folder: Path, max_shar
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def check_output_folder(out: str | Path, overwrite: bool) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+EXPORT_KIND = "export (Hugging Face folder or initial checkpoint)"
+# every name an export writes (tokenizer files vary with the transformers version, hence the patterns)
+_EXPORT_NAMES = re.compile(
+    r"config\.json|generation_config\.json|README\.md|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+    r"|tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|merges\.txt"
+    rf"|{re.escape(INIT_CONFIG_FILE)}"
+)
 
 
-class _output_folder:
-    """Build the output in a temporary sibling folder and move it into place at the end, so an
-    interrupted conversion never leaves a half-written folder that looks complete."""
+def recognise_export(folder: Path) -> list[str]:
+    """Entries of ``folder`` an export of ours does not write (all of them unless it is one of our exports)."""
+    names = sorted(p.name for p in folder.iterdir())
+    try:
+        ours = is_init_checkpoint(folder) or "sinklm" in read_config_json(folder / "config.json")
+    except CheckpointError:
+        ours = False
+    if not ours:
+        return names
+    return [n for n in names if not ((folder / n).is_file() and (_EXPORT_NAMES.fullmatch(n) or n in FILES))]
 
-    def __init__(self, out: str | Path, overwrite: bool):
-        self.out = Path(out)
-        check_output_folder(self.out, overwrite)
 
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
+def check_export_folder(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse an output that is not absent, empty or (with ``overwrite``) an earlier export, or that overlaps the source."""
+    check_output_folder(out, overwrite, EXPORT_KIND, recognise_export, inputs)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.tmp.rename(self.out)
+
+def _output_folder(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()):
+    """Build the export in a temporary sibling folder, swapped in at the end (:mod:`data.outputs`)."""
+    return building(out, overwrite, EXPORT_KIND, recognise_export, inputs)

@@ -33,8 +33,8 @@ NON_SHAPE_FIELDS = ("name", "sink_logit_init", "init_method", "init_std", "outpu
 def read_config_json(file: Path) -> dict[str, Any]:
     """A ``config.json`` as a mapping; unreadable JSON or a non-object is an error naming the file."""
     try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads(file.read_bytes())
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{file}: not readable JSON ({err})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object")

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from pretrain.checkpoints.integrity import safetensors_problem
 from pretrain.checkpoints.training import check_same_shape
 from pretrain.config import ConfigError, ModelConfig, load_yaml
 
@@ -50,13 +51,20 @@ def read_init_config(folder: str | Path) -> ModelConfig:
 
 def load_init_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config = read_init_config(folder)
-    return config, load_file(str(Path(folder) / WEIGHTS_FILE))
+    weights = Path(folder) / WEIGHTS_FILE
+    problem = safetensors_problem(weights)
+    if problem:
+        raise ConfigError(problem)
+    return config, load_file(str(weights))
 
 
 def check_init_for_training(path: str | Path) -> None:
     """``train.init_from`` must name an initial checkpoint (checked before any work)."""
     if not is_init_checkpoint(path):
         raise ConfigError(f"train.init_from: {path} is not an initial checkpoint (needs {CONFIG_FILE} + {WEIGHTS_FILE})")
+    problem = safetensors_problem(Path(path) / WEIGHTS_FILE)
+    if problem:
+        raise ConfigError(f"train.init_from: {problem}")
 
 
 def load_init_for_training(path: str | Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:

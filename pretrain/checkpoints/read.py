@@ -19,7 +19,8 @@ from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.hf_config import NON_SHAPE_FIELDS, REMOTE_MODEL_TYPE, read_config_json, sinklm_field
 from pretrain.checkpoints.init_format import load_init_checkpoint, read_init_config
 from pretrain.checkpoints.resolve import MODEL_STATES, RUN_CONFIG_FILE, ResolvedCheckpoint, resolve
-from pretrain.checkpoints.training import step_of
+from pretrain.checkpoints.integrity import file_problem, folder_problem
+from pretrain.checkpoints.training import other_tags_hint, step_of
 from pretrain.config import ConfigError, ModelConfig, load_yaml
 from pretrain.hf_keymap import from_hf_config, from_hf_state_dict
 from pretrain.model import GPTNeoX
@@ -105,9 +106,18 @@ def _read_deepspeed(resolved: ResolvedCheckpoint) -> Checkpoint:
     states_file = next((tag_dir / n for n in MODEL_STATES if (tag_dir / n).is_file()), None)
     if states_file is None:
         raise CheckpointError(f"{tag_dir}: no DeepSpeed model-states file (expected one of {', '.join(MODEL_STATES)})")
+    problem = folder_problem(tag_dir)
+    if problem:
+        raise CheckpointError(problem + other_tags_hint(run, tag, "--tag"))  # type: ignore[arg-type]
     # our own run's file; weights_only=False because it also holds DeepSpeed's config, scheduler and
     # client state as plain Python objects
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    try:
+        states = torch.load(states_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle / zip errors differ by torch version
+        raise CheckpointError(
+            f"{states_file}: truncated or corrupt ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+            + other_tags_hint(run, tag, "--tag")  # type: ignore[arg-type]
+        ) from None
     ds_config = states.get("ds_config") or {}
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
     ranks = int(states.get("dp_world_size") or 1)
@@ -246,6 +256,9 @@ def _load_weights_file(path: Path, loader: str) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise CheckpointError(f"{path}: listed in the shard index but missing")
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
         if loader == "st":
             return load_file(str(path))

@@ -27,6 +27,21 @@ RUN_CONFIG_FILE = "config.yaml"
 _HUB_CONFIG_FILES = ["config.json", "tokenizer*", "special_tokens_map.json"]
 
 
+def split_revision(spec: str | Path, revision: str | None = None) -> tuple[str, str | None]:
+    """``owner/name@rev`` (a hub name with a revision, e.g. ``EleutherAI/pythia-160m-deduped@step143000``)
+    -> (``owner/name``, ``rev``); any other spec comes back unchanged with ``revision``. So every tool
+    taking a checkpoint spec takes a hub revision too, without a flag of its own."""
+    text = str(spec)
+    name, sep, rev = text.rpartition("@")
+    if not sep or Path(text).expanduser().exists() or not is_hub_name(name):
+        return text, revision
+    if not rev:
+        raise CheckpointError(f"checkpoint {text}: expected a revision after '@' (a branch, tag or commit, e.g. step143000)")
+    if revision is not None and revision != rev:
+        raise CheckpointError(f"checkpoint {text}: revision {rev!r} in the name contradicts --revision {revision!r}")
+    return name, rev
+
+
 def is_hub_name(spec: str | Path) -> bool:
     """THE hub-name rule: ``owner/name`` that is neither an existing path nor under an existing local
     folder (``runs/typo`` is a missing local folder, not a hub model)."""
@@ -81,8 +96,9 @@ def fetch_from_hub(hub_name: str, revision: str | None = None, weights: bool = T
             patterns += ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
             folder = Path(snapshot_download(hub_name, revision=revision, allow_patterns=patterns))
     except Exception as err:  # hub client errors differ by version (offline, unknown repo or revision, HTTP)
+        at = f" at revision {revision}" if revision else ""
         raise CheckpointError(
-            f"checkpoint {hub_name}: not a local folder, and fetching it from the Hugging Face hub failed "
+            f"checkpoint {hub_name}{at}: not a local folder, and fetching it from the Hugging Face hub failed "
             f"({type(err).__name__}: {_one_line(err)})"
         ) from None
     return folder
@@ -129,9 +145,10 @@ def resolve(
     spec: str | Path, revision: str | None = None, tag: str | None = None, *, weights: bool = True
 ) -> ResolvedCheckpoint:
     """Resolve ``spec`` (a folder or a hub name) once; ``tag`` picks a DeepSpeed checkpoint (default:
-    the one ``latest`` names), ``revision`` a hub revision. ``weights=False`` fetches only a hub
-    model's config and tokenizer files. Every problem is a one-line :class:`CheckpointError`."""
-    text = str(spec)
+    the one ``latest`` names), ``revision`` a hub revision (or ``owner/name@revision``, see
+    :func:`split_revision`). ``weights=False`` fetches only a hub model's config and tokenizer files.
+    Every problem is a one-line :class:`CheckpointError`."""
+    text, revision = split_revision(spec, revision)
     hub_name = text if is_hub_name(text) else None
     if hub_name is not None:
         path, name = fetch_from_hub(hub_name, revision, weights), hub_name.split("/")[-1]

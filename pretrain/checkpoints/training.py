@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.checkpoints.integrity import folder_problem
 from pretrain.config import ConfigError, ModelConfig
 
 LATEST_FILE = "latest"
@@ -110,10 +111,26 @@ def find_resume_point(path: str | Path) -> ResumePoint | None:
     if not state_file.is_file():
         raise ConfigError(f"{folder}: not a complete sinklm checkpoint (no {STATE_FILE})")
     try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{state_file}: unreadable ({err})") from None
+        state = json.loads(state_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{state_file}: unreadable ({err}){other_tags_hint(load_dir, tag, '--resume')}") from None
+    problem = folder_problem(folder)
+    if problem:
+        raise ConfigError(problem + other_tags_hint(load_dir, tag, "--resume"))
     return ResumePoint(load_dir=load_dir, tag=tag, state=state)
+
+
+def other_tags_hint(run_dir: Path, bad_tag: str, option: str) -> str:
+    """'; other checkpoints: ...' naming the complete, undamaged tags of ``run_dir`` besides ``bad_tag``,
+    and how to pick one with ``option`` (``--tag`` or ``--resume``)."""
+    usable = [
+        p.name for _, p in reversed(list_checkpoints(run_dir))
+        if p.name != bad_tag and (p / STATE_FILE).is_file() and folder_problem(p) is None
+    ]
+    if not usable:
+        return f"; {run_dir} holds no other complete checkpoint"
+    pick = f"--tag {usable[0]}" if option == "--tag" else f"--resume {Path(run_dir) / usable[0]}"
+    return f"; other checkpoints in {run_dir}: {', '.join(usable)} (pick one with {pick})"
 
 
 def check_same_shape(saved_model: dict[str, Any], model: ModelConfig, where: str) -> None:

@@ -36,6 +36,8 @@ def _split_tokens(data_dir, split="train") -> np.ndarray:
 def _expected(neox, texts) -> np.ndarray:
     ids: list[int] = []
     for text in texts:
+        if not text.strip():
+            continue  # empty documents are skipped (and counted), never one lone EOS
         ids += neox.encode(text, add_special_tokens=False) + [neox.eos_token_id]
     return np.array(ids)
 
@@ -61,7 +63,8 @@ def test_eos_after_every_document_and_identical_reruns(tmp_path, neox, docs):
     expected = _expected(neox, docs)
     assert np.array_equal(_split_tokens(tmp_path / "one"), expected)
     assert one.manifest == two.manifest
-    assert one.manifest["splits"]["train"]["documents"] == 4
+    assert one.manifest["splits"]["train"]["documents"] == 3
+    assert one.manifest["splits"]["train"]["empty_documents_skipped"] == 1
     assert one.manifest["splits"]["train"]["tokens"] == len(expected)
     assert one.manifest["tokenizer"]["vocab_size"] == 50277 and one.manifest["tokenizer"]["eos_id"] == 0
     assert one.manifest["dtype"] == "uint16"
@@ -71,7 +74,7 @@ def test_eos_after_every_document_and_identical_reruns(tmp_path, neox, docs):
     sharded = prepare(tmp_path / "sharded", {"train": docs}, workers=1, shard_tokens=10_000, progress=False)
     assert len(sharded.manifest["splits"]["train"]["shards"]) == -(-len(expected) // 10_000)
     assert np.array_equal(_split_tokens(tmp_path / "sharded"), expected)
-    with pytest.raises(DataError, match="manifest.json already exists: pass --overwrite"):
+    with pytest.raises(DataError, match="already exists and is not empty: pass --overwrite"):
         prepare(tmp_path / "one", {"train": docs}, workers=1, progress=False, tokenizer=neox)
 
 
@@ -193,7 +196,7 @@ def test_cli(tmp_path, neox, docs, capsys):
     manifest = read_manifest(out)
     assert manifest["splits"]["train"]["documents"] == 1 and manifest["splits"]["validation"]["documents"] == 1
     assert sinklm_main(argv) == 2
-    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert "already exists and is not empty: pass --overwrite" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "x"), str(tmp_path / "missing.txt")]) == 2
     assert f"input not found: {tmp_path / 'missing.txt'}" in capsys.readouterr().err
     (tmp_path / "c.csv").write_text("a,b")
@@ -201,3 +204,15 @@ def test_cli(tmp_path, neox, docs, capsys):
     assert "c.csv: unsupported file type '.csv'" in capsys.readouterr().err
     help_text = subprocess.run([sys.executable, "-m", "data.prepare", "--help"], capture_output=True, text=True, check=True)
     assert "--dataset" in help_text.stdout and "--streaming" in help_text.stdout
+
+
+def test_encoding_errors_replace_only_when_asked(tmp_path, neox):
+    """Prevents both a traceback on bad UTF-8 and a silent repair: strict names file:line, and only
+    --encoding-errors replace turns the bad byte into U+FFFD."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert main(["--out", str(tmp_path / "strict"), "--workers", "1", "--no-progress", str(bad)]) == 2
+    assert not (tmp_path / "strict").exists()
+    assert main(["--out", str(tmp_path / "replaced"), "--workers", "1", "--no-progress", "--encoding-errors", "replace", str(bad)]) == 0
+    expected = _expected(neox, ["fine", "caf\ufffd"])
+    assert np.array_equal(_split_tokens(tmp_path / "replaced"), expected)

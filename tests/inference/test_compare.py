@@ -228,6 +228,25 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "unknown baseline" in capsys.readouterr().err
 
 
+def test_by_step_errors_are_one_line(tmp_path, capsys):
+    """--steps-of / --revisions-of: a hub revision cannot load offline (the error path, one line, no
+    files), a revision that names no step, a run without checkpoints and stray options are refused."""
+    out = tmp_path / "o"
+    cases = [
+        (["--revisions-of", "EleutherAI/pythia-70m", "--revisions", "step1000,step2000"], "EleutherAI/pythia-70m@step1000"),
+        (["--revisions-of", "EleutherAI/pythia-70m", "--revisions", "main"], "'main' names no training step"),
+        (["--revisions-of", "EleutherAI/pythia-70m"], "--revisions-of needs --revisions"),
+        (["--steps-of", str(tmp_path)], "no complete global_stepN checkpoint"),
+        (["--steps", "3"], "--steps needs --steps-of"),
+        (["m=x", "--steps-of", str(tmp_path)], "take no model arguments"),
+    ]
+    for argv, message in cases:
+        assert compare.main([*argv, "-o", str(out), "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_moving_average():
     """The curve smoothing must be a trailing mean (a centred or cumulative one misplaces the blow-up)."""
     values = torch.tensor([1.0, 3.0, 5.0, 7.0])

@@ -1,13 +1,13 @@
 """The transformers HFSinkCache against a plain per-token reference of the streaming protocol.
 
-The reference is written here from the HF modules' weights, independent of the cache: it keeps
-*un-rotated* keys, trims them to the first S and last R tokens after every step, and re-rotates
-them with positions 0..len-1 each step (query at the last slot) -- docs/design.md's semantics verbatim.
+The reference (``hf_reference.py`` beside this file) is written from the HF modules' weights,
+independent of the cache: it keeps *un-rotated* keys, trims them to the first S and last R tokens
+after every step, and re-rotates them with positions 0..len-1 each step (query at the last slot) --
+docs/design.md's semantics verbatim. MPT and Falcon: ``test_hf_families.py``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -15,6 +15,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from inference.backends import as_backend
+from hf_reference import ReferenceStream
 from inference.hf_cache import HFSinkCache, cache_kwarg, hf_dense_nll, hf_streaming_nll, stream_prefill
 
 START, RECENT = 2, 10  # capacity 12: tokens 13.. are fed after the first eviction
@@ -49,77 +50,6 @@ def _tiny_qwen2():
         intermediate_size=128, max_position_embeddings=256, rope_theta=10000.0,
     )
     return Qwen2ForCausalLM(cfg).eval()
-
-
-def _rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, base: float) -> torch.Tensor:
-    """Rotate-half RoPE of x (H, T, D) at ``positions`` (T,) on the first rotary_dim dims."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
-    freqs = positions.float()[:, None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
-
-
-class ReferenceStream:
-    """Token-by-token StreamingLLM with un-rotated cached keys, re-rotated at 0..len-1 every step."""
-
-    def __init__(self, model, start: int, recent: int):
-        self.model, self.start, self.recent = model, start, recent
-        cfg = model.config
-        self.neox = cfg.model_type == "gpt_neox"
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = cfg.hidden_size // self.heads
-        rope = cfg.rope_parameters
-        self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
-        self.base = rope["rope_theta"]
-        self.keys: list[torch.Tensor] = [torch.zeros(self.kv_heads, 0, self.head_dim) for _ in range(cfg.num_hidden_layers)]
-        self.values = [t.clone() for t in self.keys]
-
-    def _qkv(self, layer, h):  # h (1, C) -> q (H, 1, D), k, v (H_kv, 1, D), un-rotated
-        if self.neox:
-            qkv = layer.attention.query_key_value(h).view(1, self.heads, 3 * self.head_dim).transpose(0, 1)
-            return qkv.chunk(3, dim=-1)
-        attn = layer.self_attn
-        q = attn.q_proj(h).view(1, self.heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(h).view(1, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(h).view(1, self.kv_heads, self.head_dim).transpose(0, 1)
-        return q, k, v
-
-    def _attend(self, i, q, k, v):
-        keys = torch.cat([self.keys[i], k], dim=1)  # (H_kv, L, D) un-rotated
-        values = torch.cat([self.values[i], v], dim=1)
-        length = keys.shape[1]
-        keys = _rope(keys, torch.arange(length), self.rotary_dim, self.base)
-        q = _rope(q, torch.tensor([length - 1]), self.rotary_dim, self.base)
-        rep = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
-        probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
-        # store this token's un-rotated k/v, then evict to the first S and the last R
-        new_k, new_v = torch.cat([self.keys[i], k], dim=1), torch.cat([self.values[i], v], dim=1)
-        if new_k.shape[1] > self.start + self.recent:
-            keep = list(range(self.start)) + list(range(new_k.shape[1] - self.recent, new_k.shape[1]))
-            new_k, new_v = new_k[:, keep], new_v[:, keep]
-        self.keys[i], self.values[i] = new_k, new_v
-        return (probs @ values).transpose(0, 1).reshape(1, -1)  # (1, H * D)
-
-    @torch.no_grad()
-    def step(self, token: int) -> torch.Tensor:
-        m = self.model
-        if self.neox:
-            x = m.gpt_neox.embed_in(torch.tensor([token]))
-            for i, layer in enumerate(m.gpt_neox.layers):
-                a = layer.attention.dense(self._attend(i, *self._qkv(layer, layer.input_layernorm(x))))
-                x = x + a + layer.mlp(layer.post_attention_layernorm(x))  # parallel residual
-            return m.get_output_embeddings()(m.gpt_neox.final_layer_norm(x))[0]
-        x = m.model.embed_tokens(torch.tensor([token]))
-        for i, layer in enumerate(m.model.layers):
-            x = x + layer.self_attn.o_proj(self._attend(i, *self._qkv(layer, layer.input_layernorm(x))))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return m.lm_head(m.model.norm(x))[0]
 
 
 def _stream_tokens() -> torch.Tensor:

@@ -159,7 +159,7 @@ def test_warmup_cosine_schedule_matches_pythia():
 def _fake_checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
     folder = run_dir / f"global_step{step}"
     folder.mkdir(parents=True)
-    (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    torch.save({"step": step}, folder / "mp_rank_00_model_states.pt")  # a whole file: resume checks it is not truncated
     if complete:
         (folder / STATE_FILE).write_text(json.dumps({"step": step, "config": {"model": ModelConfig.from_preset("tiny").to_dict()}}))
     return folder

@@ -102,6 +102,27 @@ def test_report_tables_equal_direct_api_calls(quickstart_report, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_leads_with_like_for_like_table_and_shows_sink_curves(quickstart_report):
+    """Prevents Table 3 putting dense (a short prefix) and recompute (a shorter one) beside streaming
+    columns over the whole text as if comparable: the like-for-like table (compare's same-tokens
+    table, verbatim) comes first and the full-length one is labelled; and the probe's curves of
+    every variant are in one figure, from each run's probe records."""
+    from inference.compare_report import CompareResult, same_tokens_table
+
+    index = (quickstart_report / "index.md").read_text()
+    table3 = index[index.index("## Streaming perplexity"):]
+    like = "\n".join(same_tokens_table(CompareResult.load(quickstart_report / "compare"))).strip()
+    assert like and table3.index("### Like for like") < table3.index(like) < table3.index("### Full length")
+    assert "## Attention sinks during training" in index and (quickstart_report / "plots" / "sinks_curves.png").is_file()
+    for variant in ("vanilla", "softmax1", "sink1"):
+        probes = [json.loads(line) for line in (quickstart_report / "runs" / variant / "metrics.jsonl").read_text().splitlines()
+                  if '"kind": "probe"' in line]
+        assert [r["step"] for r in probes] == [6]  # probe.every: null -> the default interval, and after the last step
+        assert (quickstart_report / "plots" / f"sinks_{variant}.png").is_file()
+        assert f"| {variant} | 6 | {probes[0]['sink_rate']:.1%} |" in index
+
+
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(quickstart_report, capsys):
     """Prevents: a re-run redoing hours of training instead of resuming finished stages."""
     assert main([str(QUICKSTART), *_shrunk(quickstart_report)]) == 0

@@ -9,16 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
+from ckpt_layouts import tiny_checkpoints
 from ckpt_testing import REPO, RUNS, free_port, randomise, run_name
-from pretrain.checkpoints import export_hf, read_checkpoint
-from pretrain.checkpoints.init_format import save_init_checkpoint
 from pretrain.config import ModelConfig
 from pretrain.convert import main
 from pretrain.hf_keymap import to_hf_config
-from pretrain.model import GPTNeoX
 
 
 @pytest.fixture(scope="session")
@@ -75,17 +71,6 @@ def formats(tmp_path_factory) -> dict[str, Path]:
     DeepSpeed run folder (config.yaml, latest, global_step1/ and global_step2/), an initial
     checkpoint, a HF export and a stock HF GPT-NeoX folder (vanilla weights)."""
     root = tmp_path_factory.mktemp("formats")
-    cfg = ModelConfig.from_preset("tiny", hidden_size=32, max_seq_len=64, sink_tokens=1)
-    torch.manual_seed(0)
-    state = GPTNeoX(cfg).state_dict()
-    run = root / "run"
-    for step in (1, 2):
-        (run / f"global_step{step}").mkdir(parents=True)
-        module_states = {"module": state, "ds_config": {"zero_optimization": {"stage": 0}}, "dp_world_size": 1, "step": step}
-        torch.save(module_states, run / f"global_step{step}" / "mp_rank_00_model_states.pt")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict(), "data": {"tokenizer": None}}))
-    (run / "latest").write_text("global_step2")
-    init = save_init_checkpoint(root / "init", cfg, state)
-    export = export_hf(read_checkpoint(init), root / "export")
+    folders = tiny_checkpoints(root)
     stock = _stock_folder(root / "stock", randomised=False)
-    return {"run": run, "tag": run / "global_step1", "init": init, "export": export, "stock": stock}
+    return {**folders, "stock": stock}

@@ -194,4 +194,4 @@ def test_resolve_needs_no_weights(formats, tmp_path):
     assert describe(folder).variant == "sink1"
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(folder)
-    assert "unreadable weights" in _one_line_naming(info.value, str(folder / "model.safetensors"))
+    assert "truncated or corrupt" in _one_line_naming(info.value, str(folder / "model.safetensors"))

@@ -111,10 +111,15 @@ def test_bad_input_errors(tmp_path, capsys, stock_hf):
     (tmp_path / "taken" / "keep.txt").write_text("precious")
     assert "--overwrite" in run(stock_hf, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
-    assert main([str(stock_hf), str(tmp_path / "taken"), "--overwrite"]) == 0
-    assert not (tmp_path / "taken" / "keep.txt").exists() and (tmp_path / "taken" / "model.yaml").is_file()
+    # --overwrite never deletes what convert did not write (issue 13): a folder holding keep.txt is refused
+    err = run(stock_hf, tmp_path / "taken", "--overwrite")
+    assert "refusing to --overwrite" in err and "keep.txt" in err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    assert main([str(stock_hf), str(tmp_path / "init-out")]) == 0
+    assert main([str(stock_hf), str(tmp_path / "init-out"), "--overwrite"]) == 0  # an earlier export is replaced
+    assert (tmp_path / "init-out" / "model.yaml").is_file()
 
-    assert "inside it" in run(stock_hf, stock_hf / "sub")
+    assert "inside the input folder" in run(stock_hf, stock_hf / "sub")
     assert "only applies to a DeepSpeed run" in run(stock_hf, tmp_path / "o2", "--tag", "global_step1")
     assert "always fp32" in run(stock_hf, tmp_path / "o3", "--dtype", "bf16")
     with pytest.raises(SystemExit):

@@ -1,0 +1,205 @@
+"""Streaming decode, one token per step, with fixed shapes and every piece of bookkeeping on the device.
+
+:class:`~inference.cache.SinkCache` is general (chunks of any length, the weights when asked, an
+unbounded window) and keeps its bookkeeping in Python ints: right for prompts, but one decode step
+then costs a host round-trip per layer and launches shaped by Python state, so on a GPU it is bound
+by launches, not arithmetic. Here the same cache semantics (see the module docstring of
+:mod:`inference.cache`) are laid out for one new token per step:
+
+- one preallocated buffer per layer for keys and one for values, ``s`` sink slots followed by the
+  ``r`` ring slots (slot ``s + (j - s) % r`` holds window token j, as in SinkCache's ring);
+- the stream position ``t``, the slot it writes and a per-slot additive mask (0 for a filled slot,
+  ``-inf`` for an empty one) are device tensors, updated in place by the step itself;
+- the rotary angles for the step's three positions (query for the window at t, query for the
+  sinks at min(t, s + r), the new key at t) are formed once per step on the device, in float64 as
+  SinkCache does, and shared by all layers; no per-layer memo, no ``.item()``.
+
+So every step runs the same kernels on the same addresses, batches of B streams in lockstep, from
+the first token on (empty slots are masked) and across the point where eviction starts.
+:class:`DecodeStep` runs the whole step (embedding, every layer, the head) eagerly, through
+``torch.compile`` or replayed from one captured CUDA graph. Prompts still go through SinkCache's
+chunked path: :meth:`StaticSinkCache.from_sink_cache` takes over its state and
+:meth:`StaticSinkCache.write_back` returns it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.attention import attention_probs
+from pretrain.model import rotate_half
+
+MODES = ("eager", "compile", "graph")
+
+
+class StaticSinkCache:
+    """The model's cache protocol (:class:`pretrain.model.KVCache`) for one token per step, fixed shapes."""
+
+    def __init__(self, model, batch_size: int, start_size: int, recent_size: int, dtype: torch.dtype | None = None):
+        config, param = model.config, next(model.parameters())
+        device, dtype = param.device, dtype or param.dtype
+        if recent_size is None or recent_size < 1:
+            raise ValueError(f"StaticSinkCache needs a bounded window (recent_size >= 1), got {recent_size!r}")
+        self.start_size, self.recent_size = start_size, recent_size
+        n = start_size + recent_size
+        shape = (config.num_layers, batch_size, config.num_heads, n, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # additive mask over [slots..., the new token itself]: -inf while a slot is empty
+        self.bias = torch.full((n + 1,), float("-inf"), dtype=torch.float32, device=device)
+        self.bias[n] = 0.0
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # t: the next token's stream position
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where token t is written
+        self.inv_freq = model.blocks[0].attn.rotary.inv_freq.to(torch.float64)  # as SinkCache's float64 angles
+        self.cos = torch.zeros(3, config.rotary_ndims, dtype=dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the step reads or writes in place (their addresses never change)."""
+        return (self.keys, self.values, self.bias, self.position, self.slot, self.cos, self.sin)
+
+    # -- the step's bookkeeping, all on the device ----------------------------------------------
+
+    def begin(self) -> None:
+        """Angles and write slot for token ``position`` (before the layers run)."""
+        s, r = self.start_size, self.recent_size
+        t = self.position
+        positions = torch.stack([t, t.clamp(max=s + r), t]).to(torch.float64)  # q window, q sinks, new key
+        freqs = positions[:, None] * self.inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos.copy_(emb.cos())
+        self.sin.copy_(emb.sin())
+        slot = torch.where(t < s, t, s + (t - s).remainder(r)) if s else (t - s).remainder(r)
+        self.slot.copy_(slot.view(1))
+
+    def advance(self) -> None:
+        """After the layers: the written slot is now filled, the stream moves on."""
+        self.bias.index_fill_(0, self.slot, 0.0)
+        self.position.add_(1)
+
+    # -- the cache protocol -----------------------------------------------------------------------
+
+    def attend(self, layer_idx, q, k, v, attention, position_ids, need_probs):
+        if q.shape[-2] != 1 or need_probs or position_ids is not None:
+            raise ValueError("StaticSinkCache takes one token per step, no position_ids, no weights (use SinkCache)")
+        s, n = self.start_size, self.start_size + self.recent_size
+        rotated = rotate_half(torch.cat([q, q, k], dim=2), self.cos, self.sin)  # (B, H, 3, D)
+        q_win, q_sink, k_new = rotated[:, :, 0:1], rotated[:, :, 1:2], rotated[:, :, 2:3]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        scores = torch.cat(
+            [
+                q_sink @ keys[:, :, :s].transpose(-1, -2),  # (B, H, 1, s)
+                q_win @ keys[:, :, s:].transpose(-1, -2),  # (B, H, 1, r): the ring, in slot order
+                (q_win * k_new).sum(-1, keepdim=True),  # the token itself
+            ],
+            dim=-1,
+        ).float() * (1.0 / math.sqrt(q.shape[-1])) + self.bias
+        probs = attention_probs(scores, attention.kind, attention.sink_logit).to(v.dtype)
+        out = probs[..., :s] @ values[:, :, :s] + probs[..., s:n] @ values[:, :, s:] + probs[..., n:] * v
+        keys.index_copy_(2, self.slot, k_new)
+        values.index_copy_(2, self.slot, v)
+        return out, None
+
+    # -- moving state to and from SinkCache (between prompts and decoding; not per token) ------------
+
+    @classmethod
+    def from_sink_cache(cls, model, cache, batch_size: int = 1) -> "StaticSinkCache":
+        """A static cache holding exactly what ``cache`` (a bounded SinkCache) holds now."""
+        layers = cache.layers
+        if layers:
+            batch_size = layers[0].sink_k.shape[0]
+        static = cls(model, batch_size, cache.start_size, cache.recent_size, layers[0].sink_k.dtype if layers else None)
+        if not layers:
+            return static
+        s, seen = cache.start_size, cache.seen
+        for i, state in layers.items():
+            kept = min(s, seen)
+            static.keys[i, :, :, :kept] = state.sink_k[:, :, :kept]
+            static.values[i, :, :, :kept] = state.sink_v[:, :, :kept]
+            static.keys[i, :, :, s:] = state.win_k
+            static.values[i, :, :, s:] = state.win_v
+        static.bias[: min(s, seen)] = 0.0
+        static.bias[s:-1] = torch.where(layers[0].win_pos >= 0, 0.0, float("-inf"))
+        static.position.fill_(seen)
+        return static
+
+    def write_back(self, cache) -> None:
+        """Put this state into ``cache`` (a SinkCache of the same sizes), e.g. before the next prompt."""
+        s, r = self.start_size, self.recent_size
+        seen = int(self.position)
+        cache.reset()
+        window = torch.arange(max(s, seen - r), seen, device=self.keys.device)  # window tokens held
+        win_pos = torch.full((r,), -1, dtype=torch.long, device=self.keys.device)
+        win_pos[(window - s) % r] = window
+        for i in range(self.keys.shape[0]):
+            state = cache._state(i, self.keys[i, :, :, :1], self.values[i, :, :, :1])
+            state.sink_k.copy_(self.keys[i, :, :, :s])
+            state.sink_v.copy_(self.values[i, :, :, :s])
+            state.win_k.copy_(self.keys[i, :, :, s:])
+            state.win_v.copy_(self.values[i, :, :, s:])
+            state.win_pos.copy_(win_pos)
+            state.win_filled = len(window)
+            state.seen = seen
+
+
+class DecodeStep:
+    """One whole decode step (embedding, all layers, the head) over a :class:`StaticSinkCache`.
+
+    ``step(ids)`` with ids (B,) or (B, 1) returns the next-token logits (B, V) in a buffer that the
+    next call overwrites. ``mode``: ``eager``; ``compile`` (``torch.compile`` of the step; on CUDA
+    ``mode="reduce-overhead"``); ``graph`` (CUDA only: the step captured once as a CUDA graph and
+    replayed per token: no launches from Python, no allocation, no host synchronisation).
+    """
+
+    def __init__(self, model, cache: StaticSinkCache, mode: str = "eager"):
+        if mode not in MODES:
+            raise ValueError(f"decode mode must be one of {', '.join(MODES)}, got {mode!r}")
+        device = cache.keys.device
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError(f"decode mode 'graph' needs a CUDA device, the cache is on {device}")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(cache.batch_size, model.config.padded_vocab_size, dtype=torch.float32, device=device)
+        self._graph = None
+        self._run = self._step
+        if mode == "compile":
+            self._run = torch.compile(self._step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        self.cache.begin()
+        hidden = self.model.hidden_states(self.input_ids, cache=self.cache)
+        self.logits.copy_(self.model.lm_head(hidden[:, -1]))
+        self.cache.advance()
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(ids.view(-1, 1))
+        if self.mode == "graph":
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self._run()
+        return self.logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (on a copy of the state, restored after), then capture one step."""
+        saved = [t.clone() for t in self.cache.buffers()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for buffer, copy in zip(self.cache.buffers(), saved):
+            buffer.copy_(copy)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._step()
