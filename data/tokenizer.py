@@ -62,7 +62,12 @@ def _load_base(spec: str | Path | None) -> PreTrainedTokenizerFast:
     if path.is_dir():
         if (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
             return _wrap(_read_tokenizer_file(path / "tokenizer.json"))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if (path / "tokenizer.json").is_file() and _has_remote_code(path):
+            # AutoTokenizer would read config.json, find its auto_map (a softmax1/sink_logit export) and ask
+            # on the terminal whether to run that code -- for a tokenizer that needs none.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
     elif str(spec).startswith(("/", ".", "~")) or str(spec).endswith((".json", ".json.gz")):
         raise DataError(f"tokenizer not found: {path}")
     else:
@@ -74,6 +79,14 @@ def _load_base(spec: str | Path | None) -> PreTrainedTokenizerFast:
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise DataError(f"tokenizer {spec!r}: got a slow {type(tokenizer).__name__}; a fast (Rust) tokenizer is required")
     return tokenizer
+
+
+def _has_remote_code(folder: Path) -> bool:
+    """Whether ``folder/config.json`` points transformers at bundled modelling code (``auto_map``)."""
+    try:
+        return "auto_map" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _existing_sinks(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:

@@ -199,6 +199,17 @@ def _run_subprocess(command: list[str]) -> None:
         raise StageFailed(f"command failed with status {result.returncode}: {' '.join(command)}")
 
 
+def forward_tokens(cfg: ExperimentConfig) -> dict[str, int]:
+    """Tokens the compare and zeroshot stages push through the models, for the ETA: every stream
+    column over ``max_tokens``, dense over its prefix, recompute one window per scored token; zero-shot
+    about four 128-token choices per document (2,000 documents per task when unlimited)."""
+    c, z, models = cfg.compare, cfg.zeroshot, len(cfg.variants)
+    stream = len(c.start_sizes) * (c.max_tokens or 65536)
+    compare = models * (stream + c.dense_max_tokens + c.recompute_max_tokens * c.cache_size)
+    documents = (z.limit or 2000) * (len(z.tasks) or 6)
+    return {"compare": int(compare), "zeroshot": int(models * documents * 4 * 128)}
+
+
 def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
     report = Path(cfg.report_dir)
     report.mkdir(parents=True, exist_ok=True)
@@ -206,7 +217,7 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
     planned += ["compare"] + (["zeroshot"] if cfg.zeroshot.enabled else [])
     # the ETA of training: each variant's configured steps at the step time its runs measure
     train_runs = {f"train-{n}": (report / "runs" / n, variant_run(cfg, config_base, n).train.max_steps) for n in cfg.variants}
-    stages = Stages(report, planned, train_runs)
+    stages = Stages(report, planned, train_runs, forward_tokens(cfg))
     data_path = Path(cfg.data_path) if cfg.data_path else report / "data"
     started = time.time()
 

@@ -7,8 +7,10 @@ depends on it. A marker cut short (a kill while it was written, a full disk) cou
 Progress lines carry an ETA: a training stage is its configured steps (less those its run folder
 already logged) times the measured seconds per step, plus the measured start-up cost of a training
 stage; both are read from the ``metrics.jsonl`` of runs that trained already, so there is no estimate
-before the first training stage has run. Other stages count what stages of their kind took, else a
-conservative constant. Every stage start and finish recomputes it.
+before the first training stage has run. Other stages count what stages of their kind took; a stage that
+has not run yet and whose forward-pass workload is known (``forward_tokens``: compare, zeroshot) takes
+that many tokens at three times the measured training throughput (a forward pass is about a third of a
+training step's work); else a conservative constant. Every stage start and finish recomputes it.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ class Stages:
     ``planned``: every stage name in order; ``train_runs``: train stage name -> (run folder,
     configured steps), what the ETA of training is computed from."""
 
-    def __init__(self, report: Path, planned: list[str] = (), train_runs: dict[str, tuple[Path, int]] | None = None):
+    def __init__(self, report: Path, planned: list[str] = (), train_runs: dict[str, tuple[Path, int]] | None = None,
+                 forward_tokens: dict[str, int] | None = None):
         self.folder = report / "stages"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         self.planned = list(planned)
         self.train_runs = dict(train_runs or {})
+        self.forward_tokens = dict(forward_tokens or {})
         self.started = time.time()
         self.ran: dict[str, float] = {}  # stages run (not skipped) in this invocation
 
@@ -59,6 +63,12 @@ class Stages:
             return None
         return sum(per_step) / len(per_step), (sum(startup) / len(startup) if startup else 0.0)
 
+    def _training_tokens_per_second(self) -> float | None:
+        """The measured training throughput (mean of the logged tokens/s after the warm-up step), or None."""
+        rates = [r["tokens_per_s"] for run_dir, _ in self.train_runs.values() for r in read_metrics(run_dir)[1:]
+                 if r.get("kind") == "train" and r.get("tokens_per_s")]
+        return sum(rates) / len(rates) if rates else None
+
     def _estimate(self, name: str, costs: tuple[float, float] | None) -> float | None:
         kind = name.split("-")[0]
         if name in self.train_runs:
@@ -68,7 +78,10 @@ class Stages:
             logged = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
             return costs[1] + max(0, steps - (max(logged) if logged else 0)) * costs[0]
         same = [s for n, s in self.timings.items() if n.split("-")[0] == kind and n not in self.train_runs]
-        return sum(same) / len(same) if same else DEFAULT_SECONDS.get(kind, 300.0)
+        if same:
+            return sum(same) / len(same)
+        rate = self._training_tokens_per_second() if name in self.forward_tokens else None
+        return self.forward_tokens[name] / (3 * rate) if rate else DEFAULT_SECONDS.get(kind, 300.0)
 
     def eta(self) -> str:
         """', about H:MM:SS left' for the stages not finished yet ('' when none are left)."""

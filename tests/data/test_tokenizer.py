@@ -69,3 +69,4 @@ def test_vocabulary_larger_than_the_model_is_an_error():
     with pytest.raises(DataError, match="sink_tokens=28 does not fit"):
         load_tokenizer(num_sink_tokens=28)
     assert len(load_tokenizer(num_sink_tokens=27, padded_vocab_size=50304)) == 50304
+

@@ -33,6 +33,23 @@ def test_eta_comes_from_configured_steps_and_measured_step_time(tmp_path):
     assert stages.eta() == f", about {left // 60:.0f}:{left % 60:02.0f} left"
 
 
+def test_eta_of_evaluation_stages_follows_measured_throughput(tmp_path):
+    """Prevents the quickstart's "about 38:31 left" after its first training stage (compare and
+    zeroshot at fixed 15-minute guesses for a job that took 52 s): a stage with a known forward-pass
+    workload is estimated at three times the measured training tokens/s."""
+    runs = tmp_path / "runs"
+    stages = Stages(tmp_path, ["train-a", "compare"], {"train-a": (runs / "a", 4)}, {"compare": 600_000})
+    rows = [{"kind": "train", "step": s, "loss": 1.0, "step_time": 1.0, "tokens_per_s": 1000.0 if s > 1 else 10.0}
+            for s in range(1, 5)]
+
+    def train():
+        (runs / "a").mkdir(parents=True)
+        (runs / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    stages.run("train-a", {}, train)
+    assert stages.eta() == ", about 3:20 left"  # 600,000 tokens / (3 x 1,000 tokens/s) = 200 s
+
+
 def test_truncated_marker_is_not_finished(tmp_path, capsys):
     """A marker cut short by a kill must not crash the experiment (JSONDecodeError): one line says
     so, the stage runs again, and its new marker makes the next run skip it."""

@@ -137,3 +137,28 @@ def test_load_model_sources_agree(stock_hf, tmp_path):
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
+
+
+def test_softmax1_export_loads_without_a_prompt(tmp_path):
+    """Prevents: loading a softmax1/sink_logit export (compare, zeroshot, stream-ppl, the experiment) stopping
+    at transformers' "Do you wish to run the custom code? [y/N]" prompt: its tokenizer needs no modelling
+    code, and a non-interactive run (CI, the experiment) must never wait on the terminal."""
+    import subprocess
+    import sys
+
+    from pretrain.checkpoints import ExportSettings, convert
+    from pretrain.checkpoints.init_format import save_init_checkpoint
+    from pretrain.config import ModelConfig
+    from pretrain.model import GPTNeoX
+
+    cfg = ModelConfig.from_preset("tiny", attention="softmax1")
+    init = save_init_checkpoint(tmp_path / "init", cfg, GPTNeoX(cfg).state_dict())
+    export = convert(init, tmp_path / "export", ExportSettings(to="hf"))
+
+    # a fresh process: in this one an earlier import may have registered the bundled config class already
+    code = f"from pretrain.checkpoints import load_model; print(load_model({str(export)!r}).config.attention)"
+    result = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "custom code" not in result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "softmax1"
