@@ -106,10 +106,6 @@ class PythiaBatchLoader:
             raise DataError(f"step {step} is outside the data's {self.num_steps} steps ({self.dataset.idx_path})")
         self.micro_step = step * self.accumulation_steps
 
-    def step_samples(self, step: int) -> range:
-        """Global sample indices of training step ``step`` (all ranks): Pythia's ``[s * G, (s + 1) * G)``."""
-        return range(step * self.global_batch_size, (step + 1) * self.global_batch_size)
-
     def sample_indices(self, micro_step: int) -> np.ndarray:
         """This rank's sample indices for micro-batch ``micro_step`` of the run."""
         start = (micro_step * self.world_size + self.rank) * self.micro_batch_size

@@ -30,7 +30,6 @@ _CHUNK_BYTES = 1 << 24
 class VerifyReport:
     shards: int = 0
     hashed: int = 0  # shards read this time (the rest came from the cache)
-    bytes_hashed: int = 0
 
 
 def _stamp(path: Path) -> dict[str, int]:
@@ -117,7 +116,6 @@ def verify_data(
             cache[entry["file"]] = {**stamp, "sha256": digest, "max_id": largest}
             _VERIFIED_HERE.add((str(path.resolve()), digest, stamp["size"], stamp["mtime_ns"]))
             report.hashed += 1
-            report.bytes_hashed += stamp["size"] - HEADER_BYTES
     finally:
         bar.close()
     try:

@@ -41,10 +41,6 @@ def text_config(model_or_config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def model_type_of(model: nn.Module) -> str | None:
-    return getattr(text_config(model), "model_type", None)
-
-
 def check_supported(model: nn.Module) -> str:
     """The model's ``model_type``, or a ValueError naming the supported ones (never a silent dense run)."""
     config = text_config(model)

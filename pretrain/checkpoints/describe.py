@@ -8,19 +8,17 @@ GPT-NeoX, remote code that was not allowed, sink tokens that config.json and tok
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.tokenizer import is_sink_token
 from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.hf_config import read_config_json, sinklm_field
 from pretrain.checkpoints.read import model_config_of
 from pretrain.checkpoints.init_format import CONFIG_FILE as INIT_CONFIG_FILE
 from pretrain.checkpoints.resolve import RUN_CONFIG_FILE, ResolvedCheckpoint, resolve
 from pretrain.config import ModelConfig
-
-_SINK_TOKEN = re.compile(r"^<\|sink(_\d+)?\|>$")
 
 
 @dataclass
@@ -82,7 +80,7 @@ def check_tokenizer_sinks(folder: Path, sink_ids: list[int]) -> None:
         added = json.loads(file.read_text()).get("added_tokens") or []
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file}: not readable JSON ({err})") from None
-    tokenizer_sinks = sorted(t["id"] for t in added if isinstance(t, dict) and _SINK_TOKEN.match(str(t.get("content"))))
+    tokenizer_sinks = sorted(t["id"] for t in added if isinstance(t, dict) and is_sink_token(str(t.get("content"))))
     if tokenizer_sinks and tokenizer_sinks != sorted(sink_ids):
         raise CheckpointError(
             f"{folder}: the tokenizer has sink tokens at ids {tokenizer_sinks} but config.json declares sink "
