@@ -44,6 +44,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_bytes(model, window: int) -> int:
+    """What one decode step must read at least: every weight but the embedding table (one row of it),
+    and the cached keys and values of ``window`` tokens in every layer."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
+    c, param = model.config, next(model.parameters())
+    return weights + 2 * c.num_layers * window * c.hidden_size * param.element_size()
+
+
+@torch.no_grad()
+def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 20) -> float:
+    """Bytes per second one reduction over a buffer of ``nbytes`` reads (the memory-bound floor's rate)."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats + 3):
+        sync(device)
+        began = time.perf_counter()
+        buffer.sum()
+        sync(device)
+        times.append(time.perf_counter() - began)
+    return buffer.numel() * 4 / statistics.median(times[3:])
+
+
 @torch.no_grad()
 def time_stream(model, cache, ids, steps) -> float:
     """Seconds per token decoding ``steps`` tokens through ``cache``."""
@@ -110,6 +132,10 @@ def decode_comparison(model, sizes, steps, rounds, device, start_size, mode="eag
         row["recompute_over_stream"] = row["recompute_ms"] / row["stream_ms"]
         row["stream_over_step"] = row["stream_ms"] / row["step_ms"]
         row["dense_over_stream"] = row["dense_ms"] / row["stream_ms"]
+        nbytes = step_bytes(model, window)
+        row["floor_ms"] = 1000 * nbytes / read_bandwidth(nbytes, device)  # bandwidth-bound: no step can be faster
+        row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
+        row["recompute_over_floor"] = row["recompute_ms"] / row["floor_ms"]  # the largest ratio possible
         rows.append(row)
         print(
             f"cache {window:5d}: step ({mode}) {row['step_ms']:8.3f} ms/tok  stream {row['stream_ms']:8.3f}  "
@@ -120,24 +146,30 @@ def decode_comparison(model, sizes, steps, rounds, device, start_size, mode="eag
 
 
 @torch.no_grad()
-def flat_latency(model, tokens, start_size, recent_size, device, mode="eager") -> dict:
-    """Per-token times of the decode step over a long stream: first 10% after the cache fills vs the last 10%."""
+def flat_latency(model, tokens, start_size, recent_size, device, mode="eager", clock: str = "wall") -> dict:
+    """Per-token times of the decode step over a long stream: first 10% after the cache fills vs the last 10%.
+
+    ``clock="cpu"`` times each token by the calling thread's CPU time (``time.thread_time``; with one
+    torch thread all the work runs there), which does not count time spent descheduled, so a run on a
+    shared machine still shows whether the step itself grows slower as the stream goes on."""
+    now = time.thread_time if clock == "cpu" else time.perf_counter
     cache = StaticSinkCache(model, 1, start_size, recent_size)
     step = DecodeStep(model, cache, mode)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
     per_token = []
     for t in range(tokens):
         sync(device)
-        began = time.perf_counter()
+        began = now()
         step(ids[:, t])
         sync(device)
-        per_token.append(time.perf_counter() - began)
+        per_token.append(now() - began)
     filled = start_size + recent_size + 1
     steady = per_token[filled:]
     tenth = max(1, len(steady) // 10)
     first, last = statistics.median(steady[:tenth]), statistics.median(steady[-tenth:])
     return {
         "tokens": tokens,
+        "clock": clock,
         "cache": f"{start_size}+{recent_size}",
         "first10_ms": 1000 * first,
         "last10_ms": 1000 * last,
@@ -156,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flat-shape", default="tiny")
     parser.add_argument("--flat-tokens", type=int, default=100_000, help="0 skips the flat-latency run")
     parser.add_argument("--flat-cache", type=int, default=256)
+    parser.add_argument("--flat-clock", choices=("wall", "cpu"), default="wall",
+                        help="time each flat-run token by wall clock or by this thread's CPU time (use with --threads 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -182,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         small = GPTNeoX(ModelConfig.from_preset(args.flat_shape)).to(device, dtype).eval()
         print(f"flat latency: {args.flat_tokens:,} tokens through {args.flat_shape}, cache "
               f"{args.start_size}+{args.flat_cache - args.start_size} ...", flush=True)
-        flat = flat_latency(small, args.flat_tokens, args.start_size, args.flat_cache - args.start_size, device, mode)
+        flat = flat_latency(small, args.flat_tokens, args.start_size, args.flat_cache - args.start_size, device, mode,
+                            args.flat_clock)
 
     print("\nratios (per-token latency; > 1 means the streaming cache is faster)")
     for row in rows:
         print(f"  cache {row['cache']:5d}: recompute / step = {row['recompute_over_step']:6.1f}x   recompute / stream = "
               f"{row['recompute_over_stream']:6.1f}x   stream / step = {row['stream_over_step']:5.2f}x   "
-              f"dense / stream = {row['dense_over_stream']:5.2f}x")
+              f"dense / stream = {row['dense_over_stream']:5.2f}x   step / bandwidth floor ({row['floor_ms']:.3f} ms) = "
+              f"{row['step_over_floor']:5.2f}x (recompute / floor = {row['recompute_over_floor']:.1f}x)")
     if flat is not None:
         print(f"  flat: last 10% / first 10% per-token time = {flat['last_over_first']:.3f} "
-              f"({flat['first10_ms']:.3f} -> {flat['last10_ms']:.3f} ms over {flat['tokens']:,} tokens; "
+              f"({flat['first10_ms']:.3f} -> {flat['last10_ms']:.3f} ms {flat['clock']} over {flat['tokens']:,} tokens; "
               f"cache {flat['cache_bytes']:,} bytes)")
     result = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "batch": args.batch, "step_mode": mode, "decode": rows, "flat": flat}

@@ -89,6 +89,18 @@ if [[ -f benchmarks/bench_hf_stream.py ]]; then
   hf_tokens=8192; [[ $SMOKE == 1 ]] && hf_tokens=256
   python benchmarks/bench_hf_stream.py --device $DEVICE --tokens $hf_tokens --json "$WORK/hf-stream.json" | tail -n 6 \
     || say "bench_hf_stream.py failed"
+  # per-token decode on the HF route (issue 16): HFSinkCache vs the static step (eager/compile/graph) vs recompute
+  # vs a dense cache; the 135M shape, and the paper's Llama-2-7B shape at cache 4+4092 in bf16 on the GPU
+  if [[ $SMOKE == 1 ]]; then
+    python benchmarks/bench_hf_stream.py --decode --baselines --device cpu --recent-size 60 --tokens 200 --decode-tokens 8 \
+      --json "$WORK/hf-decode-135m.json" | tail -n 8 || say "bench_hf_stream.py --decode failed"
+  else
+    python benchmarks/bench_hf_stream.py --decode --baselines --device $DEVICE --dtype bf16 --json "$WORK/hf-decode-135m.json" \
+      | tail -n 8 || say "bench_hf_stream.py --decode (135m) failed"
+    python benchmarks/bench_hf_stream.py --decode --baselines --shape llama2-7b --device $DEVICE --dtype bf16 --recent-size 4092 \
+      --tokens 4400 --decode-tokens 32 --json "$WORK/hf-decode-llama2-7b.json" | tail -n 8 \
+      || say "bench_hf_stream.py --decode (llama2-7b) failed"
+  fi
 fi
 
 # ---- 5. training benchmark ------------------------------------------------------------------

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "exactness": read_json(args.work / "exactness.json"),
         "decode": {p.stem[len("decode-"):]: read_json(p) for p in sorted(args.work.glob("decode-*.json"))},
         "hf_stream": read_json(args.work / "hf-stream.json"),
+        "hf_decode": {p.stem[len("hf-decode-"):]: read_json(p) for p in sorted(args.work.glob("hf-decode-*.json"))},
         "bench_train": read_json(args.work / "bench-train.json"),
         "sinklm_train": train,
     }

@@ -43,6 +43,8 @@ INDEX_HEADER_BYTES = _INDEX_HEADER.size  # 34
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 FLOAT_CODES = {6, 7}
 _PART = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<last>\d{5})\.bin$")
+_SCAN_TOKENS = 1 << 24  # tokens per chunk of the id check (32 MiB of uint16)
+_ID_RANGES: dict[tuple, tuple[int, int]] = {}  # (files, sizes, mtimes) -> (smallest, largest id), this process
 
 
 def _array(path: Path, dtype: str, offset: int, count: int) -> np.ndarray:
@@ -163,12 +165,58 @@ class IndexedDataset:
         size, pointer = int(self.sizes[index]), int(self.pointers[index])
         return self.data.read(pointer, size, self.dtype).astype(np.int64)
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Every token of the data in ``0 .. vocab_size - 1``: one chunked pass over the memory map
+        (the dataset records no tokenizer, so nothing else vouches for its ids). The smallest and
+        largest id are remembered per process under the files' sizes and mtimes, so the trainer's
+        loader does not read again what the pre-flight check just read. DataError names the part."""
+        key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.bin_paths)
+        if key not in _ID_RANGES:
+            _ID_RANGES[key] = self._id_range()
+        low, high = _ID_RANGES[key]
+        if low >= 0 and high < vocab_size:
+            return
+        bad_id = low if low < 0 else high
+        position = self._first_token_equal(bad_id)
+        byte = position * self.dtype.itemsize
+        sequence = int(np.searchsorted(self.pointers, byte, side="right")) - 1
+        raise DataError(
+            f"{self.data.part_at(byte)}: token id {bad_id} (token {position} of the data, in sequence {sequence} of "
+            f"{self.idx_path}) is outside the vocabulary 0..{vocab_size - 1}: another tokenizer's data, or corrupt"
+        )
+
+    def _chunks(self):
+        """(first token, tokens) over the whole data, ``_SCAN_TOKENS`` at a time, in the stored dtype."""
+        total = self.data.nbytes // self.dtype.itemsize
+        for first in range(0, total, _SCAN_TOKENS):
+            yield first, self.data.read(first * self.dtype.itemsize, min(_SCAN_TOKENS, total - first), self.dtype)
+
+    def _id_range(self) -> tuple[int, int]:
+        low, high = 0, -1
+        for _, chunk in self._chunks():
+            if chunk.size:
+                low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+        return low, high
+
+    def _first_token_equal(self, token: int) -> int:
+        for first, chunk in self._chunks():
+            hits = np.flatnonzero(chunk == token)
+            if hits.size:
+                return first + int(hits[0])
+        raise AssertionError("unreachable: the id was found by the range scan")
+
     def tokens(self) -> TokenView:
         """All sequences as one token stream (``data.shards.TokenStream``'s interface: ``len`` and
         contiguous slices, int64), e.g. to read a dataset of whole documents as text. The builders write sequences back to
         back from byte 0; that the index agrees is checked at its two ends (O(1), no full index scan)."""
         if self.num_sequences and (int(self.pointers[0]) != 0 or self.data.nbytes % self.dtype.itemsize):
             raise DataError(f"{self.idx_path}: sequences do not start at byte 0 of the data; not readable as a stream")
+        end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if self.num_sequences else 0
+        if end != self.data.nbytes:  # shorter is refused on opening; longer would add bytes no sequence holds
+            raise DataError(
+                f"{self.data.paths[-1]}: the data holds {self.data.nbytes - end} bytes past the end of the last sequence "
+                f"in {self.idx_path} (byte {end}); not readable as a stream of its sequences"
+            )
         return TokenView(self.data, self.dtype)
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """Pythia-style training samples from token shards: fixed windows, sink tokens, rank sharding, exact resume.
 
-The split's shards form one token stream (documents separated by EOS). With ``n`` text tokens per
-sample, window ``i`` covers ``stream[i*n : i*n + n + 1]`` -- consecutive windows overlap by one token,
+The split's shards form one token stream (documents separated by EOS); a gpt-neox / Megatron indexed
+dataset of whole documents is one stream too, its tokens as stored (:mod:`data.token_source`). With
+``n`` text tokens per sample, window ``i`` covers ``stream[i*n : i*n + n + 1]`` -- consecutive windows overlap by one token,
 as in gpt-neox, so every stream token is an input exactly once and a target exactly once. With ``k``
 sink tokens a sample is::
 
@@ -37,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.shards import MANIFEST_NAME, DataError, TokenStream, read_manifest
-from data.verify import verify_data
+from data.shards import DataError
+from data.token_source import open_token_source
 
 IGNORE_INDEX = -100
 STATE_VERSION = 1
@@ -96,10 +97,15 @@ class SampleLoader:
         text_tokens: int | None = None,
         tokenizer_fingerprint: str | None = None,
         model_vocab_size: int | None = None,
+        vocab_size: int | None = None,
     ):
+        """``data_dir``: a prepared folder (``split`` of it) or a Megatron indexed dataset (all of it);
+        ``vocab_size``: the text vocabulary of a Megatron dataset, which records none: its ids stay
+        below it, sink ids start at it (default: ``model_vocab_size``, for a run without sinks)."""
         self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir)
-        manifest_path = self.data_dir / MANIFEST_NAME
+        source = open_token_source(self.data_dir, split, vocab_size if vocab_size is not None else model_vocab_size)
+        self.manifest, self.tokenizer = source.manifest, source.tokenizer
+        manifest_path = source.where
         self.split = split
         self.sink_ids = [int(s) for s in sink_ids]
         k = len(self.sink_ids)
@@ -112,9 +118,10 @@ class SampleLoader:
                 f"a sample of {k} sink token(s) + text_tokens={self.text_tokens} = {k + self.text_tokens} tokens "
                 f"exceeds seq_len={seq_len}"
             )
-        info = self.manifest["tokenizer"]
+        info = self.tokenizer
         vocab_size = int(info["vocab_size"])
-        if tokenizer_fingerprint is not None and tokenizer_fingerprint != info.get("fingerprint"):
+        named = self.manifest is not None  # a Megatron dataset names no tokenizer to compare
+        if tokenizer_fingerprint is not None and named and tokenizer_fingerprint != info.get("fingerprint"):
             raise DataError(
                 f"{manifest_path}: the data was tokenized with tokenizer {info.get('spec')!r} "
                 f"(fingerprint {info.get('fingerprint')}), but this run uses fingerprint {tokenizer_fingerprint}; "
@@ -134,8 +141,7 @@ class SampleLoader:
         if model_vocab_size is not None and any(s >= model_vocab_size for s in self.sink_ids):
             raise DataError(f"sink ids {self.sink_ids} exceed the model's {model_vocab_size} embedding rows")
 
-        self.stream = TokenStream(self.data_dir, split, self.manifest)
-        verify_data(self.data_dir, [split], self.manifest, progress=False)  # sha256 and ids < vocab, cached
+        self.stream = source.stream
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size = rank, world_size
@@ -144,8 +150,9 @@ class SampleLoader:
         self.global_batch_size = world_size * micro_batch_size
         self.batches_per_epoch = self.num_windows // self.global_batch_size
         if self.batches_per_epoch == 0:
+            what = f"split {split!r}" if self.manifest is not None else "the dataset"
             raise DataError(
-                f"{manifest_path}: split {split!r} has {len(self.stream)} tokens = {self.num_windows} windows of "
+                f"{manifest_path}: {what} has {len(self.stream)} tokens = {self.num_windows} windows of "
                 f"{self.text_tokens}+1 tokens, fewer than one global batch of {self.global_batch_size} "
                 f"({world_size} rank(s) x micro-batch {micro_batch_size})"
             )
@@ -227,7 +234,7 @@ class SampleLoader:
             "text_tokens": self.text_tokens,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "tokenizer_fingerprint": self.manifest["tokenizer"].get("fingerprint"),
+            "tokenizer_fingerprint": self.tokenizer.get("fingerprint"),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,12 +10,18 @@
   folder they create) and swapped in only once complete; on failure the sibling and any parent
   folders this created are removed, so a failed command leaves nothing behind and the old output
   untouched.
+- A command killed outright (SIGKILL, a lost node) cannot clean up, so the siblings' names carry
+  the host and process id that made them (``.NAME.partial-HOST-PID-XXXXXX``, ``.NAME.old-...``); the
+  next build of the same output on that host removes the partial ones of processes no longer alive
+  and, if the kill fell inside the swap (the earlier output moved aside, the new one not yet in
+  place), puts the earlier output back first.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -106,6 +112,46 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing
 
 
+def _sibling(out: Path, role: str) -> Path:
+    return out.with_name(f".{out.name}.{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _dead_siblings(out: Path, role: str) -> list[Path]:
+    """Siblings of ``out`` in ``role`` left by processes of this host that no longer run."""
+    prefix, host = f".{out.name}.{role}-", socket.gethostname()
+    dead = []
+    for path in out.parent.glob(f"{prefix}*"):
+        owner, _, rest = path.name[len(prefix):].rpartition("-")  # HOST-PID, XXXXXX
+        made_on, _, pid = owner.rpartition("-")
+        if made_on == host and pid.isdigit() and rest and not _alive(int(pid)):
+            dead.append(path)
+    return dead
+
+
+def recover_killed_build(out: str | Path) -> None:
+    """Undo what a killed build of ``out`` left: restore an earlier output it had moved aside, remove its partials."""
+    out = Path(out).expanduser()
+    if not out.parent.is_dir():
+        return
+    for old in _dead_siblings(out, "old"):
+        if not out.exists():
+            old.rename(out)  # killed mid-swap: the earlier output comes back
+        else:
+            shutil.rmtree(old, ignore_errors=True)  # killed after the swap: this was due for deletion
+    for partial in _dead_siblings(out, "partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 @contextmanager
 def building(
     out: str | Path, overwrite: bool, kind: str, recognise: Recognise, inputs: Sequence[str | Path] = ()
@@ -113,16 +159,17 @@ def building(
     """Yield a fresh temporary sibling of ``out`` to write into; on success it replaces ``out`` (checked as
     by :func:`check_output_folder`), on failure it is removed and ``out`` stays as it was."""
     out = Path(out).expanduser()
+    recover_killed_build(out)
     check_output_folder(out, overwrite, kind, recognise, inputs)
     created = _missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = _sibling(out, "partial")
     tmp.mkdir()  # mode 0o777 minus the umask: the user's usual permissions (mkdtemp would give 0700)
     try:
         yield tmp
         check_output_folder(out, overwrite, kind, recognise, inputs)  # nothing foreign appeared meanwhile
         user_permissions(tmp)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        old = _sibling(out, "old")
         if out.is_dir():
             out.rename(old)
         tmp.rename(out)

@@ -33,18 +33,11 @@ import torch
 from data.indexed import IndexedDataset, open_indexed
 from data.loader import check_rank_split, check_resume_identity, sink_batch
 from data.shards import DataError
-from data.tokenizer import BUNDLED_SPEC
 
 PYTHIA_SAMPLE_TOKENS = 2049
 PYTHIA_GLOBAL_BATCH = 1024
 STATE_VERSION = 1
 STATE_KIND = "pythia-batches"
-PYTHIA_TOKENIZER = {
-    "spec": BUNDLED_SPEC,
-    "fingerprint": None,
-    "source": "a Megatron indexed dataset: token ids taken to be GPT-NeoX-20B's, as in Pythia's Pile",
-}
-"""What a run on such data records as its tokenizer (no manifest says; a checkpoint keeps this)."""
 
 
 class PythiaBatchLoader:

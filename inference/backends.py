@@ -30,7 +30,7 @@ from inference import hf_cache, hf_chunked, hf_families
 from inference.perplexity import CHUNK_SIZE, dense_nll, recompute_nll, sliding_window_nll, streaming_nll
 from inference.session import GenerationSession, HFStreamingSession, StreamingSession
 from inference.stream import StreamError, TextSettings, read_stream_tokens, stream_prefix
-from pretrain.checkpoints import describe, load_model, parse_dtype
+from pretrain.checkpoints import CheckpointInfo, describe, load_model, parse_dtype
 from pretrain.checkpoints.resolve import split_revision
 from pretrain.config import ModelConfig
 from pretrain.model import GPTNeoX
@@ -142,9 +142,6 @@ class HFBackend(_Named):
     def streaming_nll(self, ids, start_size, recent_size, mode="fast", chunk_size=CHUNK_SIZE, progress=False):
         if mode == "fast":
             return hf_chunked.hf_chunked_nll(self.model, ids, start_size, recent_size, chunk_size, progress)
-        if hf_families.uses_alibi(self.model.config) and self.model.config.model_type == "falcon":
-            # stock FalconModel cannot take a sink cache (hf_cache); one token per forward of the block route
-            return hf_chunked.hf_chunked_nll(self.model, ids, start_size, recent_size, 1, progress)
         return hf_cache.hf_streaming_nll(self.model, ids, start_size, recent_size, progress=progress)
 
     def dense_nll(self, ids, max_len, chunk_size=CHUNK_SIZE, progress=False):
@@ -155,10 +152,11 @@ class HFBackend(_Named):
         model = self.model
 
         def score(rows: torch.Tensor, first: int, targets: torch.Tensor) -> torch.Tensor:
-            logits = model(input_ids=rows, use_cache=False).logits[:, first:]
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+            logits = model(input_ids=rows, use_cache=False).logits[:, first:]  # on the head's device
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device),
+                                   reduction="none")
 
-        stream = ids.to(next(model.parameters()).device)
+        stream = ids.to(hf_families.input_device(model))
         return sliding_window_nll(stream, 0, window, score, batch_size, progress)
 
     def new_session(self, start_size, recent_size, batch_size=1) -> HFStreamingSession:
@@ -166,6 +164,16 @@ class HFBackend(_Named):
 
 
 # -- choosing the back-end ---------------------------------------------------------------------------
+
+
+def check_streamable(spec: str, info: CheckpointInfo) -> None:
+    """Refuse (StreamError naming the supported ones) a Hugging Face family that cannot stream here; from
+    a description alone (:func:`pretrain.checkpoints.describe`), so callers can check before any work."""
+    if info.format == "hf" and info.model_type not in hf_families.SUPPORTED_MODEL_TYPES and not info.remote_code:
+        raise StreamError(
+            f"{spec}: model_type {info.model_type!r} cannot stream here; supported Hugging Face model types: "
+            f"{', '.join(hf_families.SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def load_backend(
@@ -193,11 +201,7 @@ def load_backend(
     spec, revision = split_revision(spec, revision)  # owner/name@revision
     dtype = parse_dtype(dtype)
     info = describe(spec, revision=revision, tag=tag)
-    if info.format == "hf" and info.model_type not in hf_families.SUPPORTED_MODEL_TYPES and not info.remote_code:
-        raise StreamError(
-            f"{spec}: model_type {info.model_type!r} cannot stream here; supported Hugging Face model types: "
-            f"{', '.join(hf_families.SUPPORTED_MODEL_TYPES)}"
-        )
+    check_streamable(spec, info)
     if info.format == "hf" and hf_cache.streams_natively(info.model_type):
         placement = {"device_map": device_map, "low_cpu_mem_usage": True} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype, **placement)

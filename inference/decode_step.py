@@ -28,10 +28,11 @@ import math
 
 import torch
 
+from inference.static_step import MODES, StaticStep, ring_slot
 from pretrain.attention import attention_probs
 from pretrain.model import rotate_half
 
-MODES = ("eager", "compile", "graph")
+__all__ = ["MODES", "DecodeStep", "StaticSinkCache"]
 
 
 class StaticSinkCache:
@@ -75,8 +76,7 @@ class StaticSinkCache:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos.copy_(emb.cos())
         self.sin.copy_(emb.sin())
-        slot = torch.where(t < s, t, s + (t - s).remainder(r)) if s else (t - s).remainder(r)
-        self.slot.copy_(slot.view(1))
+        self.slot.copy_(ring_slot(t, s, r).view(1))
 
     def advance(self) -> None:
         """After the layers: the written slot is now filled, the stream moves on."""
@@ -90,18 +90,16 @@ class StaticSinkCache:
             raise ValueError("StaticSinkCache takes one token per step, no position_ids, no weights (use SinkCache)")
         s, n = self.start_size, self.start_size + self.recent_size
         rotated = rotate_half(torch.cat([q, q, k], dim=2), self.cos, self.sin)  # (B, H, 3, D)
-        q_win, q_sink, k_new = rotated[:, :, 0:1], rotated[:, :, 1:2], rotated[:, :, 2:3]
+        q_win, k_new = rotated[:, :, 0:1], rotated[:, :, 2:3]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # one product for both query rotations against every slot (B, H, 2, n); the sinks take the
+        # q-at-sink-position row, the ring (in slot order) the q-at-t row: fewer launches than two
+        both = rotated[:, :, 0:2] @ keys.transpose(-1, -2)
         scores = torch.cat(
-            [
-                q_sink @ keys[:, :, :s].transpose(-1, -2),  # (B, H, 1, s)
-                q_win @ keys[:, :, s:].transpose(-1, -2),  # (B, H, 1, r): the ring, in slot order
-                (q_win * k_new).sum(-1, keepdim=True),  # the token itself
-            ],
-            dim=-1,
-        ).float() * (1.0 / math.sqrt(q.shape[-1])) + self.bias
+            [both[:, :, 1:2, :s], both[:, :, 0:1, s:], (q_win * k_new).sum(-1, keepdim=True)], dim=-1
+        ).float() * (1.0 / math.sqrt(q.shape[-1])) + self.bias  # (B, H, 1, n + 1): slots, then the token itself
         probs = attention_probs(scores, attention.kind, attention.sink_logit).to(v.dtype)
-        out = probs[..., :s] @ values[:, :, :s] + probs[..., s:n] @ values[:, :, s:] + probs[..., n:] * v
+        out = probs[..., :n] @ values + probs[..., n:] * v
         keys.index_copy_(2, self.slot, k_new)
         values.index_copy_(2, self.slot, v)
         return out, None
@@ -148,28 +146,21 @@ class StaticSinkCache:
             state.seen = seen
 
 
-class DecodeStep:
+class DecodeStep(StaticStep):
     """One whole decode step (embedding, all layers, the head) over a :class:`StaticSinkCache`.
 
     ``step(ids)`` with ids (B,) or (B, 1) returns the next-token logits (B, V) in a buffer that the
-    next call overwrites. ``mode``: ``eager``; ``compile`` (``torch.compile`` of the step; on CUDA
-    ``mode="reduce-overhead"``); ``graph`` (CUDA only: the step captured once as a CUDA graph and
-    replayed per token: no launches from Python, no allocation, no host synchronisation).
+    next call overwrites; ``mode`` (eager / compile / graph) and the CUDA-graph capture are
+    :class:`~inference.static_step.StaticStep`'s.
     """
 
     def __init__(self, model, cache: StaticSinkCache, mode: str = "eager"):
-        if mode not in MODES:
-            raise ValueError(f"decode mode must be one of {', '.join(MODES)}, got {mode!r}")
         device = cache.keys.device
-        if mode == "graph" and device.type != "cuda":
-            raise ValueError(f"decode mode 'graph' needs a CUDA device, the cache is on {device}")
-        self.model, self.cache, self.mode = model, cache, mode
+        self.check_mode(mode, device)
+        self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(cache.batch_size, model.config.padded_vocab_size, dtype=torch.float32, device=device)
-        self._graph = None
-        self._run = self._step
-        if mode == "compile":
-            self._run = torch.compile(self._step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        self._init_mode(mode, device)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -177,29 +168,3 @@ class DecodeStep:
         hidden = self.model.hidden_states(self.input_ids, cache=self.cache)
         self.logits.copy_(self.model.lm_head(hidden[:, -1]))
         self.cache.advance()
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        self.input_ids.copy_(ids.view(-1, 1))
-        if self.mode == "graph":
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
-        else:
-            self._run()
-        return self.logits
-
-    def _capture(self) -> None:
-        """Warm up on a side stream (on a copy of the state, restored after), then capture one step."""
-        saved = [t.clone() for t in self.cache.buffers()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        for buffer, copy in zip(self.cache.buffers(), saved):
-            buffer.copy_(copy)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._step()

@@ -4,8 +4,8 @@ transformers 5 removed its ``SinkCache``, and the public StreamingLLM code pins 
 :class:`HFSinkCache` here plugs into the current ``Cache`` API, so it works both with
 ``model.generate(..., past_key_values=cache)`` (``cache=`` in newer releases) and with a manual loop
 ``model(ids, cache=cache)``, for the families of :mod:`inference.hf_families`: rotate-half RoPE
-(GPT-NeoX / Pythia, the Llama family, Falcon) and ALiBi (MPT). Exact chunked evaluation of the same
-protocol: :mod:`inference.hf_chunked`.
+(GPT-NeoX / Pythia, the Llama family, Falcon) and ALiBi (MPT, Falcon with ``alibi=True``). Exact
+chunked evaluation of the same protocol: :mod:`inference.hf_chunked`.
 
 Semantics are the paper's (``docs/design.md``, "Streaming semantics"): token t attends to the first
 ``start_size`` tokens and the last ``recent_size`` tokens before it, with positions assigned by slot
@@ -20,6 +20,12 @@ in the cache. How that is achieved with HF's already-rotated keys:
   no rotation error accumulates over a long stream. The window's keys are never touched.
 - ALiBi (MPT): keys carry no position and MPT biases each key by its distance from the last key
   slot, which is the query's slot: the kept keys in cache order are all it needs.
+- ALiBi (Falcon): FalconModel biases key j by slope * j, j counted over ``ones(T + get_seq_length())``
+  (or the attention mask it is given). ALiBi is shift-invariant along a query row, so that is the slot
+  distance exactly when j *is* the key's slot: for Falcon the cache counts positions by slot --
+  ``get_seq_length()`` is the number of tokens kept and the mask sizes are the slots -- and the tokens
+  seen are :attr:`HFSinkCache.tokens_seen`. ``model.generate`` drops an all-ones mask, so it streams
+  too (unpadded rows; a padded mask is as long as the stream and no longer matches the slots).
 
 One forward with T > 1 tokens is exact while no token of it needs an eviction first, i.e. while
 ``seen + T - 1 <= S + R`` (a prompt that fits the cache). A longer chunk is processed densely and then
@@ -29,8 +35,6 @@ long prompt exactly (first chunk up to the cache size, then one token at a time)
 Limitations: batch rows must be unpadded (the cache keeps one position count for the batch), and
 rotary kinds that interleave pairs (GPT-J) or rescale with the sequence length ("dynamic") are
 refused, since shifting a key by a fixed angle is only right for fixed rotate-half frequencies.
-Falcon with ``alibi=True`` is refused here (FalconModel sizes its ALiBi tensor by the tokens seen);
-:func:`inference.hf_chunked.hf_chunked_nll` streams it.
 """
 
 from __future__ import annotations
@@ -47,25 +51,28 @@ try:  # transformers >= 5: the layered Cache API
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
     raise ImportError("inference.hf_cache needs transformers >= 5.0 (Cache / CacheLayerMixin API)") from exc
 
-from inference.hf_families import SUPPORTED_MODEL_TYPES, KeyShift, key_shift_of, text_config, uses_alibi
+from inference.hf_families import SUPPORTED_MODEL_TYPES, KeyShift, input_device, key_shift_of, text_config, uses_alibi
 
 class HFSinkCacheLayer(CacheLayerMixin):
     """One layer's keys/values: the first ``start_size`` tokens and the last ``recent_size``.
 
     ``keys``/``values`` are (B, H_kv, L, D), sinks first, each key rotated at its absolute position
-    exactly as the model produced it.
+    exactly as the model produced it. ``slot_positions``: positions count slots, not tokens seen
+    (Falcon's ALiBi, see the module notes).
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, start_size: int, recent_size: int, key_shift: KeyShift | None, on_dense_chunk=None):
+    def __init__(self, start_size: int, recent_size: int, key_shift: KeyShift | None, on_dense_chunk=None,
+                 slot_positions: bool = False):
         super().__init__()
         self.start_size = start_size
         self.recent_size = recent_size
         self.key_shift = key_shift
-        self.seen = 0  # tokens fed so far; HF derives positions from it
+        self.slot_positions = slot_positions
+        self.seen = 0  # tokens fed so far; HF derives positions from it (by slot: from the tokens kept)
         self.on_dense_chunk = on_dense_chunk
 
     @property
@@ -110,14 +117,17 @@ class HFSinkCacheLayer(CacheLayerMixin):
             return sinks.contiguous()
         return torch.cat([sinks, states[:, :, length - self.recent_size :]], dim=-2)
 
+    @property
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.kept if self.slot_positions else self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset): the cached keys plus the new ones, the new ones aligned with the
-        queries' absolute positions so HF's causal mask is right inside a chunk."""
-        stored = 0 if self.keys is None else self.keys.shape[-2]
-        return stored + query_length, self.seen - stored
+        queries' positions (``get_seq_length()`` onwards) so HF's causal mask is right inside a chunk."""
+        return self.kept + query_length, self.get_seq_length() - self.kept
 
     def get_max_length(self) -> int:
         return -1  # no limit on how many tokens can be streamed
@@ -149,6 +159,7 @@ class HFSinkCache(Cache):
 
     A fresh cache per stream; for prompts longer than the cache use :func:`stream_prefill` first.
     MPT configs default to ``use_cache=False``: pass ``use_cache=True`` to ``generate`` for them.
+    Falcon with ``alibi=True`` counts positions by slot (:attr:`tokens_seen` counts the tokens).
     """
 
     def __init__(self, model: nn.Module, start_size: int, recent_size: int, warn_dense_chunks: bool = True):
@@ -156,19 +167,19 @@ class HFSinkCache(Cache):
             raise ValueError(f"need start_size, recent_size >= 0 with a positive sum; got {start_size}, {recent_size}")
         config = text_config(model)
         key_shift = key_shift_of(model)  # checks the family first
-        if config.model_type == "falcon" and uses_alibi(config):
-            raise ValueError(
-                "HFSinkCache: stock FalconModel builds its ALiBi tensor over every token seen, not over the cache's "
-                "slots, so model(...) / model.generate(...) cannot stream it; use inference.hf_chunked.hf_chunked_nll "
-                "(stream-ppl / compare) for Falcon with alibi=True"
-            )
+        by_slot = config.model_type == "falcon" and uses_alibi(config)
         self.start_size, self.recent_size = start_size, recent_size
         self._warned = not warn_dense_chunks
         layers = [
-            HFSinkCacheLayer(start_size, recent_size, key_shift, on_dense_chunk=self._warn_dense)
+            HFSinkCacheLayer(start_size, recent_size, key_shift, on_dense_chunk=self._warn_dense, slot_positions=by_slot)
             for _ in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens of the stream fed so far (``get_seq_length()`` is the tokens kept where positions are slots)."""
+        return self.layers[0].seen
 
     def _warn_dense(self, seen: int, length: int) -> None:
         if not self._warned:
@@ -181,7 +192,7 @@ class HFSinkCache(Cache):
             )
 
     def __repr__(self) -> str:
-        return f"HFSinkCache(start_size={self.start_size}, recent_size={self.recent_size}, seen={self.get_seq_length()})"
+        return f"HFSinkCache(start_size={self.start_size}, recent_size={self.recent_size}, seen={self.tokens_seen})"
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -201,10 +212,12 @@ def stream_prefill(model: nn.Module, input_ids: torch.Tensor, cache: HFSinkCache
 
     The longest prefix that fits the cache goes in one forward, the rest one token per forward.
     Returns the logits (B, T, V). To generate after a long prompt: ``stream_prefill(model,
-    ids[:, :-1], cache)`` then ``model.generate(ids, past_key_values=cache, ...)``.
+    ids[:, :-1], cache)`` then ``model.generate(ids[:, -1:], attention_mask=torch.ones_like(ids),
+    past_key_values=cache, ...)`` (a mask longer than the ids tells ``generate`` they are the new ones;
+    given the whole ``ids``, it would slice off ``get_seq_length()`` tokens, the slots kept for Falcon-ALiBi).
     """
     key = cache_kwarg(model)
-    first = max(0, cache.start_size + cache.recent_size + 1 - cache.get_seq_length())
+    first = max(0, cache.start_size + cache.recent_size + 1 - cache.tokens_seen)
     pieces = [input_ids[:, :first]] if first else []
     pieces += list(input_ids[:, first:].split(1, dim=1))
     pieces = [p for p in pieces if p.shape[1]]
@@ -227,10 +240,9 @@ def hf_streaming_nll(
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be 1-D (one stream), got shape {tuple(ids.shape)}")
-    device = next(model.parameters()).device
     cache = HFSinkCache(model, start_size, recent_size)
-    logits = stream_prefill(model, ids[None, :-1].to(device), cache, progress=progress)[0]
-    return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(device), reduction="none").cpu()
+    logits = stream_prefill(model, ids[None, :-1].to(input_device(model)), cache, progress=progress)[0]
+    return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(logits.device), reduction="none").cpu()
 
 
 @torch.inference_mode()
@@ -238,9 +250,8 @@ def hf_dense_nll(model: nn.Module, ids: torch.Tensor, max_len: int | None = None
     """Per-token NLL (N - 1,) with full attention over the first ``max_len`` tokens (all by default)."""
     if max_len is not None:
         ids = ids[:max_len]
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1]
-    return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(device), reduction="none").cpu()
+    logits = model(input_ids=ids[None].to(input_device(model)), use_cache=False).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits.float(), ids[1:].to(logits.device), reduction="none").cpu()
 
 
 def streams_natively(model_type: str | None) -> bool:

@@ -34,6 +34,7 @@ from inference.hf_families import (
     INTERFACE_TYPES,
     AlibiBias,
     KeyShift,
+    input_device,
     key_shift_of,
     model_parts,
     uses_alibi,
@@ -148,7 +149,9 @@ AttentionInterface.register(ATTENTION_NAME, sink_stream_attention)
 
 
 @contextmanager
-def _attention_implementation(model: nn.Module, name: str):
+def attention_implementation(model: nn.Module, name: str):
+    """Run ``model`` with the attention function registered as ``name`` (transformers' public
+    ``set_attn_implementation``), restoring the one it had afterwards."""
     before = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
@@ -267,7 +270,7 @@ def hf_chunked_nll(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stream = new_stream(model, start_size, recent_size)
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs, targets = ids[None, :-1].to(device), ids[1:].to(device)
     registry = model.config.model_type in INTERFACE_TYPES
     alibi = AlibiBias(model) if uses_alibi(model.config) else None
@@ -275,7 +278,7 @@ def hf_chunked_nll(
         chunk_size = min(chunk_size, BLOCK_CHUNK)
     nll = []
     pieces = list(range(0, inputs.shape[1], chunk_size))
-    context = _attention_implementation(model, ATTENTION_NAME) if registry else nullcontext()
+    context = attention_implementation(model, ATTENTION_NAME) if registry else nullcontext()
     with context:
         for a in tqdm(pieces, desc="chunks", disable=not progress):
             chunk = inputs[:, a : a + chunk_size]
@@ -286,5 +289,6 @@ def hf_chunked_nll(
             else:
                 logits = _forward_blocks(model, chunk, stream, alibi)
             stream.end()
-            nll.append(F.cross_entropy(logits[0].float(), targets[a : a + chunk.shape[1]], reduction="none"))
+            # logits come back on the head's device (another GPU under a device_map)
+            nll.append(F.cross_entropy(logits[0].float(), targets[a : a + chunk.shape[1]].to(logits.device), reduction="none"))
     return torch.cat(nll).cpu()

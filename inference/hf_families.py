@@ -92,6 +92,13 @@ class KeyShift:
         return torch.cat([shifted, keys[..., dim:]], dim=-1)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device, or the CPU where accelerate offloaded the
+    embedding (its weights on "meta"; accelerate's hook loads them and moves the ids where they run)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def find_rotary_module(model: nn.Module) -> nn.Module:
     """The model's (single, shared) rotary embedding module, e.g. ``model.model.rotary_emb``."""
     for module in model.modules():

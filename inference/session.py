@@ -21,6 +21,8 @@ import torch
 from inference.cache import SinkCache
 from inference.decode_step import MODES, DecodeStep, StaticSinkCache
 from inference.hf_cache import HFSinkCache, stream_prefill
+from inference.hf_decode_step import HFDecodeStep, HFStaticCache, has_static_step
+from inference.hf_families import input_device
 from inference.stream import StreamError, check_start_size, stream_prefix
 
 
@@ -70,6 +72,23 @@ class GenerationSession:
         self.device = device
         # ids waiting to be fed: a sink-token model's sinks at first, later the last generated token
         self.pending = torch.tensor(prefix, dtype=torch.long, device=device).expand(batch_size, -1).clone()
+        self._cache = None  # the prompt path's cache
+        self._step = None  # a fixed-shape decode step, holding the stream's state while tokens are decoded
+
+    def _set_decode(self, decode: str, has_step: bool = True) -> None:
+        """``decode``: ``auto`` (the eager step where the model has one), ``none`` or one of :data:`MODES`."""
+        self.decode = ("eager" if has_step else "none") if decode == "auto" else decode
+        if self.decode not in (*MODES, "none") or (self.decode != "none" and not has_step):
+            kinds = f"auto, none or one of {', '.join(MODES)}" if has_step else "auto or none (no decode step for this model)"
+            raise StreamError(f"decode must be {kinds}, got {decode!r}")
+
+    @property
+    def cache(self):
+        """The prompt path's cache, holding everything fed so far (a decode step in use hands its state back)."""
+        if self._step is not None:
+            self._step.cache.write_back(self._cache)
+            self._step = None
+        return self._cache
 
     @property
     def tokens_seen(self) -> int:
@@ -133,18 +152,7 @@ class StreamingSession(GenerationSession):
         self._cache = SinkCache(start_size, recent_size)
         self.chunk_size = chunk_size
         self.vocab_limit = model.config.vocab_size
-        self.decode = "eager" if decode == "auto" else decode
-        if self.decode not in (*MODES, "none"):
-            raise StreamError(f"decode must be auto, none or one of {', '.join(MODES)}, got {decode!r}")
-        self._step: DecodeStep | None = None  # holds the stream's state while tokens are decoded
-
-    @property
-    def cache(self) -> SinkCache:
-        """The SinkCache, holding everything fed so far (a decode step in use hands its state back)."""
-        if self._step is not None:
-            self._step.cache.write_back(self._cache)
-            self._step = None
-        return self._cache
+        self._set_decode(decode)
 
     @property
     def tokens_seen(self) -> int:
@@ -173,16 +181,25 @@ class StreamingSession(GenerationSession):
 
 
 class HFStreamingSession(GenerationSession):
-    """One stream through a stock transformers causal LM with an :class:`~inference.hf_cache.HFSinkCache`."""
+    """One stream through a stock transformers causal LM with an :class:`~inference.hf_cache.HFSinkCache`.
 
-    def __init__(self, model: torch.nn.Module, start_size: int, recent_size: int, batch_size: int = 1):
-        super().__init__([], batch_size, next(model.parameters()).device)
+    Prompts go through :func:`~inference.hf_cache.stream_prefill`; generated tokens, one per step, for
+    GPT-NeoX and the Llama family through the fixed-shape :class:`~inference.hf_decode_step.HFDecodeStep`
+    (``decode`` as in :class:`StreamingSession`: ``auto`` = the eager step; ``compile``; ``graph``
+    opt-in until benchmarks/gpu_check.sh has verified it on a GPU; ``none`` keeps every token on
+    HFSinkCache, as MPT, Falcon and a model split by a device map always do).
+    """
+
+    def __init__(self, model: torch.nn.Module, start_size: int, recent_size: int, batch_size: int = 1,
+                 decode: str = "auto"):
+        super().__init__([], batch_size, input_device(model))  # the embedding's device (a device map may split the rest)
         self.model = model
-        self.cache = HFSinkCache(model, start_size, recent_size)
+        self._cache = HFSinkCache(model, start_size, recent_size)
+        self._set_decode(decode, has_step=has_static_step(model))
 
     @property
     def tokens_seen(self) -> int:
-        return self.cache.get_seq_length()
+        return self.cache.tokens_seen  # not get_seq_length(): Falcon-ALiBi counts positions by cache slot
 
     @property
     def tokens_kept(self) -> int:
@@ -190,4 +207,8 @@ class HFStreamingSession(GenerationSession):
         return 0 if not layer.is_initialized else layer.keys.shape[-2]
 
     def _feed(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] == 1 and self.decode != "none" and (self._step is not None or self._cache.layers[0].seen):
+            if self._step is None:
+                self._step = HFDecodeStep(self.model, HFStaticCache.from_hf_sink_cache(self.model, self._cache), self.decode)
+            return self._step(ids[:, 0]).clone()
         return stream_prefill(self.model, ids, self.cache)[:, -1].float()

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(ZeroShotSettings, args)
         results = run_zeroshot(args.models, settings, args.out)
     except ZeroShotError as err:
-        print(f"sinklm zeroshot: {err}", file=sys.stderr)
+        print(f"sinklm zeroshot: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     print(markdown_table(results, select_tasks(settings.tasks, settings.online), settings.limit))

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from data.indexed import is_indexed_dataset, open_indexed
+from data.indexed import open_indexed
 from data.outputs import check_output_file
-from data.pythia_batches import PYTHIA_GLOBAL_BATCH, PYTHIA_TOKENIZER, PythiaBatchLoader
-from data.shards import MANIFEST_NAME, DataError, read_manifest
+from data.pythia_batches import PYTHIA_GLOBAL_BATCH, PythiaBatchLoader
+from data.shards import DataError, read_manifest
+from data.token_source import INDEXED_TOKENIZER, is_megatron_source, open_token_source
 from data.verify import split_identity, verify_data
 from pretrain.checkpoints.init_format import check_init_for_training
 from pretrain.checkpoints.training import ResumePoint, check_same_shape, find_resume_point, read_latest
@@ -96,12 +97,16 @@ def _check_resume_compatible(run: RunConfig, point: ResumePoint, manifest: dict[
 
 
 def _read_prepared(folder: Path, key: str, run: RunConfig) -> dict[str, Any]:
-    """The manifest of the prepared folder ``key`` names, its vocabulary checked against the model."""
+    """The manifest of the prepared folder ``key`` names, its vocabulary checked against the model; for
+    a Megatron dataset of documents its record (:meth:`data.token_source.TokenSource.record`, ids
+    checked against ``model.vocab_size``: such data names no tokenizer, the bundled one is assumed)."""
+    if is_megatron_source(folder):
+        try:
+            return open_token_source(folder, run.data.train_split, run.model.vocab_size).record()
+        except DataError as err:
+            raise ConfigError(f"{key}: {err}") from None
     if not folder.exists():
         raise ConfigError(f"{key}: {folder} does not exist; prepare it first, e.g. `sinklm data prepare --out {folder}`")
-    if not (folder / MANIFEST_NAME).is_file() and is_indexed_dataset(folder):
-        hint = " (or set data.format=pythia to train on its samples in order)" if key == "data.path" else ""
-        raise ConfigError(f"{key}: {folder} is a Megatron indexed dataset, not a folder written by `sinklm data prepare`{hint}")
     manifest = read_manifest(folder)
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if vocab != run.model.vocab_size:
@@ -118,12 +123,14 @@ def _has_validation(run: RunConfig, manifest: dict[str, Any]) -> bool:
         return False
     if folder != run.data.path or run.data.format != "shards":
         manifest = _read_prepared(Path(folder), "data.validation_path", run)
+        if "indexed" in manifest:  # a Megatron dataset: validation reads all of it
+            return True
         if run.data.validation_split not in manifest["splits"]:
             raise ConfigError(
                 f"data.validation_path: {folder} has no split {run.data.validation_split!r} "
                 f"(has {', '.join(manifest['splits'])}); set data.validation_split"
             )
-    return run.data.validation_split in manifest["splits"]
+    return run.data.validation_split in manifest.get("splits", ())  # none in data.path's Megatron dataset
 
 
 def pythia_loader(run: RunConfig, rank: int, world_size: int) -> PythiaBatchLoader:
@@ -165,7 +172,7 @@ def _check_pythia_data(run: RunConfig, env: DistEnv) -> dict[str, Any]:
             f"train.max_steps={run.train.max_steps} exceeds the {loader.num_steps} whole steps of "
             f"{loader.global_batch_size} samples in {dataset.idx_path}"
         )
-    return {"tokenizer": dict(PYTHIA_TOKENIZER, vocab_size=run.model.vocab_size)}
+    return {"tokenizer": dict(INDEXED_TOKENIZER, vocab_size=run.model.vocab_size)}
 
 
 def check_probe(run: RunConfig, probe: ProbeFn | None) -> None:
@@ -188,8 +195,8 @@ def plan_run(run: RunConfig, probe: ProbeFn | None = None) -> Plan:
         manifest = _check_pythia_data(run, env)
     else:
         manifest = _read_prepared(Path(run.data.path), "data.path", run)
-        splits = manifest["splits"]
-        if run.data.train_split not in splits:
+        splits = manifest.get("splits", {})
+        if "indexed" not in manifest and run.data.train_split not in splits:
             raise ConfigError(f"data.train_split: {run.data.path} has no split {run.data.train_split!r} (has {', '.join(splits)})")
     has_validation = _has_validation(run, manifest)
     if run.probe.every and not has_validation:
@@ -205,6 +212,6 @@ def plan_run(run: RunConfig, probe: ProbeFn | None = None) -> Plan:
     point = _resume_point(run)
     if point is not None:
         _check_resume_compatible(run, point, manifest, env.world_size)
-    if run.data.format != "pythia":  # the first expensive step, after every cheap check: shards vs sha256 (cached)
+    if run.data.format != "pythia" and "indexed" not in manifest:  # the first expensive step, after every cheap check: shards vs sha256 (cached)
         verify_data(run.data.path, [run.data.train_split, run.data.validation_split], manifest, progress=env.is_main)
     return Plan(run, env, precision, grad_accum, manifest, point, has_validation)

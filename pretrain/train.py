@@ -30,9 +30,11 @@ import yaml
 
 from data.loader import SampleLoader
 from data.settings import ArgumentParser, split_cli_overrides
-from data.shards import DataError, TokenStream
+from data.shards import DataError
+from data.token_source import open_token_source
 from data.verify import split_identity
 from pretrain.checkpoints import load_init_for_training
+from pretrain.checkpoints.init_format import start_step_from_init
 from pretrain.checkpoints.training import (
     ResumePoint,
     code_version,
@@ -102,6 +104,7 @@ class Trainer:
                 world_size=env.world_size,
                 text_tokens=run.text_tokens,
                 model_vocab_size=cfg.padded_vocab_size,
+                vocab_size=cfg.vocab_size,  # the text vocabulary of a Megatron dataset, which names none
                 **order,
             )
 
@@ -161,6 +164,13 @@ class Trainer:
             f"{self.ds_config['train_batch_size']} samples of {run.sample_len} tokens "
             f"({cfg.sink_tokens} sink + {run.text_tokens} text) per step"
         )
+        if "indexed" in self.plan.manifest:  # a Megatron dataset of documents names no tokenizer: say what is assumed
+            info = self.plan.manifest["indexed"]
+            self.log.message(
+                f"data: Megatron indexed dataset {info['index']} ({info['parts']} .bin part(s), {info['tokens']:,} tokens, "
+                f"{info['documents']:,} documents) read as one token stream; ids taken as the bundled Pythia "
+                f"tokenizer's (GPT-NeoX-20B, model.vocab_size={cfg.vocab_size}), all checked < {cfg.vocab_size}"
+            )
 
     def _on_stop_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -304,7 +314,8 @@ class Trainer:
             return
         probe = self.run.probe
         began = time.perf_counter()
-        text = torch.from_numpy(TokenStream(self.run.validation_dir, self.run.data.validation_split)[: probe.num_tokens])
+        source = open_token_source(self.run.validation_dir, self.run.data.validation_split, self.run.model.vocab_size, verify=False)
+        text = torch.from_numpy(source.stream[: probe.num_tokens])
         self.engine.eval()
         values = self.probe_fn(self.engine.module, text, probe)
         self.engine.train()
@@ -379,6 +390,15 @@ def main(argv: list[str] | None = None, probe: ProbeFn | None = None) -> int:
         if args.fresh:
             overrides.append("train.resume=never")
         run = resolve_config(args.configs, overrides)
+        if run.data.format == "pythia":  # continuing converted Pythia weights: their recorded stepN is the start step
+            run.data.start_step, note = start_step_from_init(run.train.init_from, run.data.start_step)
+            if note:
+                try:
+                    run.validate()  # the derived step against train.max_steps
+                except ConfigError as err:
+                    raise ConfigError(f"{err} ({note})") from None
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"sinklm train: {note}", file=sys.stderr, flush=True)
         if run.train.resume == "":
             run.train.resume = run.train.run_dir  # bare --resume: this run folder, which must have a checkpoint
         if args.print_config:

@@ -56,8 +56,9 @@ class DataConfig:
     """Where the tokenized shards are and how samples are cut (see ``data.loader.SampleLoader``)."""
 
     path: str = ""
-    """Folder written by ``sinklm data prepare`` (holds ``manifest.json``); with ``format: pythia``
-    a Megatron indexed dataset (a prefix, its ``.idx``, or a folder holding one ``.idx``). Required."""
+    """Folder written by ``sinklm data prepare`` (holds ``manifest.json``), or a Megatron indexed dataset
+    (a prefix, its ``.idx``, or a folder holding one ``.idx``): of whole documents, read as one token
+    stream (``data.token_source``), or with ``format: pythia`` of samples. Required."""
 
     format: Literal["shards", "pythia"] = "shards"
     """``shards``: ``path`` is a prepared folder, cut into windows (``data.loader``). ``pythia``:
@@ -71,11 +72,12 @@ class DataConfig:
     """``format: pythia`` only: the step a fresh run starts at (e.g. 100000, continuing Pythia's
     ``step100000`` from ``train.init_from``): it trains on the batches from that step on, and the
     learning-rate schedule and step counter start there, so ``train.max_steps`` is the last step
-    counted from Pythia's step 0. ``null`` = 0. A resumed run continues from its checkpoint."""
+    counted from Pythia's step 0. ``null`` = N when ``train.init_from`` records a revision ``stepN``
+    (``sinklm convert``), else 0. A resumed run continues from its checkpoint."""
 
     validation_path: str | None = None
-    """A prepared folder whose ``validation_split`` gives the validation loss and the probe's
-    text; ``null`` = ``path`` for ``format: shards``, no validation for ``format: pythia``."""
+    """A prepared folder whose ``validation_split`` (or a Megatron dataset of documents, all of it) gives
+    the validation loss and the probe's text; ``null`` = ``path``'s split for a prepared folder, else none."""
 
     train_split: str = "train"
     """Split trained on."""

@@ -4,9 +4,9 @@ Stages, each run with identical settings for every variant, each skipped on a re
 (:mod:`sinklm.stages`: a marker records its inputs; changing them redoes the stage):
 
 1. ``prepare``   tokenize the corpus (default: the bundled books): :func:`data.prepare.prepare_with`
-2. ``train``     ``sinklm train`` per variant through DeepSpeed: one process on a CPU, every GPU
-                 via ``launch/torchrun.sh`` when GPUs are present; interrupted runs resume. The only
-                 stage in a subprocess (torchrun/deepspeed need their own processes).
+2. ``train``     ``sinklm train`` per trained variant through DeepSpeed: one process on a CPU, every
+                 GPU via ``launch/torchrun.sh`` when GPUs are present; interrupted runs resume. The
+                 only stage in a subprocess (torchrun/deepspeed need their own processes).
 3. ``export``    each run to a Hugging Face folder: :func:`pretrain.checkpoints.convert`
 4. ``compare``   :func:`inference.compare.run_compare`: s+(W-s) caches, dense, sliding-window
                  recompute, sink metric, attention maps, perplexity curves
@@ -15,6 +15,11 @@ Stages, each run with identical settings for every variant, each skipped on a re
 
 Each section of the experiment config is the settings dataclass of the API its stage calls (the same
 one the tool's CLI flags are derived from), so the report's tables are the tools' own outputs.
+
+A variant is trained here (a training config) or is an existing checkpoint (``checkpoint:``, e.g.
+EleutherAI's released Pythia at the step the sink variants reached): that one skips ``train`` and
+``export`` and enters ``compare``, ``zeroshot`` and the report as it is, described (and checked, before
+any stage runs) by the one checkpoint layer, :func:`pretrain.checkpoints.describe`.
 """
 
 from __future__ import annotations
@@ -27,15 +32,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from data.indexed import is_indexed_dataset
 from data.prepare import PrepareSettings, prepare_with
 from data.settings import ArgumentParser, ConfigError, apply_override, from_dict, load_yaml, parse_override, to_dict
 from data.shards import DataError
+from inference.backends import check_streamable
 from inference.compare import CompareSettings, run_compare
 from inference.compare_report import CompareResult
+from inference.stream import StreamError
 from inference.zeroshot import ZeroShotSettings, run_zeroshot
-from pretrain.checkpoints import CheckpointError, ExportSettings, convert
+from pretrain.checkpoints import CheckpointError, CheckpointInfo, ExportSettings, convert, describe
+from pretrain.checkpoints.init_format import start_step_from_init
 from pretrain.train_config import RunConfig, resolve_config
 from sinklm.report import write_report
 from sinklm.stages import Stages
@@ -84,6 +93,47 @@ class ZeroShotStage(ZeroShotSettings):
 
 
 @dataclass
+class VariantSpec:
+    """One variant: trained here from a training config, or an existing checkpoint evaluated as it is.
+    In YAML a bare string is a training config; a mapping names one of the two."""
+
+    config: str = ""
+    """Training config (relative to the experiment file, else as given): the variant is trained,
+    exported, then evaluated."""
+    checkpoint: str = ""
+    """An existing model, evaluated without training or export: a hub name with an optional
+    ``@revision`` (``EleutherAI/pythia-160m-deduped@step101000``), a Hugging Face folder, a run folder
+    of ``sinklm train`` (the checkpoint its ``latest`` names) or one of its ``global_stepN`` folders,
+    or an initial checkpoint; a local path is relative to the working directory."""
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.config)
+
+
+def _variant_spec(name: str, value: Any) -> VariantSpec:
+    where = f"experiment.variants.{name}"
+    if isinstance(value, str):
+        value = {"config": value}
+    if isinstance(value, VariantSpec):
+        spec = value
+    elif isinstance(value, dict):
+        try:
+            spec = from_dict(VariantSpec, value)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    else:
+        raise ConfigError(f"{where}: expected a training config file or a mapping such as "
+                          f"{{checkpoint: owner/name@revision}}, found {value!r}")
+    if spec.config and spec.checkpoint:
+        raise ConfigError(f"{where}: both checkpoint ({spec.checkpoint}: an existing model, not trained) and config "
+                          f"({spec.config}: a training config) are given; keep one")
+    if not spec.config and not spec.checkpoint:
+        raise ConfigError(f"{where}: expected config (a training config) or checkpoint (an existing model), found neither")
+    return spec
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: which variants to train on what, and how to evaluate them."""
 
@@ -92,13 +142,15 @@ class ExperimentConfig:
     report_dir: str = "reports/experiment"
     """Everything goes here: runs/, exports/, compare/, zeroshot/, stages/, index.md."""
     data_path: str = ""
-    """Prepared data folder (``manifest.json``); default ``<report_dir>/data``."""
+    """Data of the trained variants: a prepared folder (``manifest.json``; default ``<report_dir>/data``)
+    or a Megatron indexed dataset (e.g. Pythia's pre-shuffled Pile for ``data.format: pythia``)."""
     prepare: PrepareStage = field(default_factory=PrepareStage)
     """What to tokenize (the ``sinklm data prepare`` settings); empty = the bundled books (offline default)."""
-    variants: dict[str, str] = field(default_factory=dict)
-    """Variant name -> training config (relative to this file), e.g. ``vanilla: quickstart-vanilla.yaml``."""
+    variants: dict[str, VariantSpec] = field(default_factory=dict)
+    """Variant name -> training config (relative to this file), e.g. ``sink1: quickstart-sink1.yaml``, or
+    an existing checkpoint (:class:`VariantSpec`), e.g. ``vanilla: {checkpoint: EleutherAI/pythia-160m-deduped@step101000}``."""
     train_overrides: list[str] = field(default_factory=list)
-    """Dotted overrides applied to every variant (e.g. ``train.max_steps=20``)."""
+    """Dotted overrides applied to every trained variant (e.g. ``train.max_steps=20``)."""
     launcher: str = "auto"
     """``auto`` (torchrun over all GPUs if any, else one process), ``python`` or ``torchrun``."""
     export: ExportStage = field(default_factory=ExportStage)
@@ -116,11 +168,23 @@ class ExperimentConfig:
         for name in self.variants:
             if not name or any(c in name for c in "/= "):
                 raise ConfigError(f"experiment.variants: bad variant name {name!r} (no '/', '=', spaces)")
+        self.variants = {name: _variant_spec(name, value) for name, value in self.variants.items()}
+
+    @property
+    def trained(self) -> list[str]:
+        """The variants trained here, in order."""
+        return [name for name, spec in self.variants.items() if spec.trained]
+
+    @property
+    def checkpoints(self) -> dict[str, str]:
+        """Variant name -> checkpoint spec of the variants that are existing checkpoints."""
+        return {name: spec.checkpoint for name, spec in self.variants.items() if not spec.trained}
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, Path]:
     """Read an experiment YAML (``experiment:`` section or top level) plus ``key=value`` overrides;
-    every variant's training config (with ``train_overrides``) is resolved too, so a typo anywhere is
+    every variant's training config (with ``train_overrides``) is resolved and every checkpoint
+    variant described (a hub model: its config files only), so a typo or a missing model anywhere is
     reported before the first expensive stage."""
     path = Path(path)
     data = load_yaml(path)
@@ -133,21 +197,46 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     base = path.resolve().parent
-    for name in cfg.variants:
+    for name in cfg.trained:
         config_file = variant_config(cfg, base, name)
         if not config_file.is_file():
-            raise ConfigError(f"{path}: experiment.variants.{name}: training config not found: {cfg.variants[name]}")
+            raise ConfigError(f"{path}: experiment.variants.{name}: training config not found: {cfg.variants[name].config}")
         try:
             variant_run(cfg, base, name)
         except ConfigError as err:
             raise ConfigError(f"{path}: experiment.variants.{name} with train_overrides: {err}") from None
+    for name, spec in cfg.checkpoints.items():
+        try:
+            check_streamable(spec, describe_checkpoint(cfg, name))  # before training, not at the compare stage
+        except (CheckpointError, StreamError) as err:
+            raise ConfigError(f"{path}: experiment.variants.{name}.checkpoint: {err}") from None
     return cfg, base
 
 
 def variant_config(cfg: ExperimentConfig, base: Path, name: str) -> Path:
     """A variant's training config: relative to the experiment file, else as given."""
-    file = cfg.variants[name]
+    file = cfg.variants[name].config
     return (base / file) if (base / file).is_file() else Path(file)
+
+
+def describe_checkpoint(cfg: ExperimentConfig, name: str) -> CheckpointInfo:
+    """What checkpoint variant ``name`` is (no weights read; a hub model: its config and tokenizer
+    files), refusing what the zero-shot stage could not run faithfully."""
+    trust = cfg.zeroshot.trust_remote_code or not cfg.zeroshot.enabled
+    return describe(cfg.checkpoints[name], trust_remote_code=trust)
+
+
+def checkpoint_record(spec: str, info: CheckpointInfo) -> dict[str, Any]:
+    """Where a checkpoint variant came from (for the report) and what identifies its weights (for the
+    stage keys: a hub revision that moves, or a local folder rewritten, redoes compare and zeroshot)."""
+    resolved = info.resolved
+    record: dict[str, Any] = {"checkpoint": spec, "format": info.format, "variant": info.variant, "attention": info.attention,
+                              "sink_tokens": len(info.sink_token_ids)}
+    if resolved.hub_name:
+        return {**record, "hub_name": resolved.hub_name, "revision": resolved.revision, "commit": resolved.path.name}
+    folder = resolved.tag_dir if resolved.format == "deepspeed" else resolved.path
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return {**record, "path": str(folder.resolve()), "files": files}
 
 
 def variant_run(cfg: ExperimentConfig, base: Path, name: str) -> RunConfig:
@@ -203,32 +292,46 @@ def forward_tokens(cfg: ExperimentConfig) -> dict[str, int]:
     """Tokens the compare and zeroshot stages push through the models, for the ETA: every stream
     column over ``max_tokens``, dense over its prefix, recompute one window per scored token; zero-shot
     about four 128-token choices per document (2,000 documents per task when unlimited)."""
-    c, z, models = cfg.compare, cfg.zeroshot, len(cfg.variants)
+    c, z, models = cfg.compare, cfg.zeroshot, len(cfg.variants)  # checkpoint variants are evaluated too
     stream = len(c.start_sizes) * (c.max_tokens or 65536)
     compare = models * (stream + c.dense_max_tokens + c.recompute_max_tokens * c.cache_size)
     documents = (z.limit or 2000) * (len(z.tasks) or 6)
     return {"compare": int(compare), "zeroshot": int(models * documents * 4 * 128)}
 
 
+def step_range(run: RunConfig) -> tuple[int, int]:
+    """(the step a run starts from, its last step): a run continuing Pythia counts from data.start_step,
+    given or derived from train.init_from as ``sinklm train`` derives it."""
+    first = 0
+    if run.data.format == "pythia":
+        first = start_step_from_init(run.train.init_from, run.data.start_step)[0] or 0
+    return first, run.train.max_steps
+
+
 def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
     report = Path(cfg.report_dir)
     report.mkdir(parents=True, exist_ok=True)
-    planned = (["prepare"] if cfg.prepare.enabled else []) + [f"{kind}-{n}" for n in cfg.variants for kind in ("train", "export")]
+    # checkpoint variants are described again here (config files only): the report shows where they
+    # came from, and the stage keys hold what identifies their weights
+    checkpoints = {name: checkpoint_record(spec, describe_checkpoint(cfg, name)) for name, spec in cfg.checkpoints.items()}
+    prepare_data = cfg.prepare.enabled and bool(cfg.trained)  # only training reads the data
+    planned = (["prepare"] if prepare_data else []) + [f"{kind}-{n}" for n in cfg.trained for kind in ("train", "export")]
     planned += ["compare"] + (["zeroshot"] if cfg.zeroshot.enabled else [])
-    # the ETA of training: each variant's configured steps at the step time its runs measure
-    train_runs = {f"train-{n}": (report / "runs" / n, variant_run(cfg, config_base, n).train.max_steps) for n in cfg.variants}
+    # the ETA of training: each trained variant's configured steps at the step time its runs measure
+    train_runs = {f"train-{n}": (report / "runs" / n, *step_range(variant_run(cfg, config_base, n))) for n in cfg.trained}
     stages = Stages(report, planned, train_runs, forward_tokens(cfg))
     data_path = Path(cfg.data_path) if cfg.data_path else report / "data"
     started = time.time()
 
-    if cfg.prepare.enabled:
+    if prepare_data:
         prepare = from_dict(PrepareSettings, {k: v for k, v in to_dict(cfg.prepare).items() if k != "enabled"})
         stages.run("prepare", {"settings": to_dict(prepare), "out": str(data_path)}, lambda: prepare_with(data_path, prepare))
-    elif not (data_path / "manifest.json").is_file():
-        raise ConfigError(f"experiment.data_path: {data_path} has no manifest.json and experiment.prepare.enabled is false")
+    elif cfg.trained and not (data_path / "manifest.json").is_file() and not is_indexed_dataset(data_path):
+        raise ConfigError(f"experiment.data_path: {data_path} has no manifest.json and is not a Megatron indexed dataset, "
+                          "and experiment.prepare.enabled is false")
 
     runs, exports = report / "runs", report / "exports"
-    for name in cfg.variants:
+    for name in cfg.trained:
         config_file = variant_config(cfg, config_base, name)
         run_dir = runs / name
         command = train_command(cfg, config_file, run_dir, data_path)
@@ -240,19 +343,19 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
             lambda r=run_dir, n=name: convert(r, exports / n, cfg.export),
         )
 
-    models = {name: str(exports / name) for name in cfg.variants}
-    trained = {n: stages.key_of(f"export-{n}") for n in cfg.variants}
+    models = {name: str(exports / name) if spec.trained else spec.checkpoint for name, spec in cfg.variants.items()}
+    model_keys = {n: stages.key_of(f"export-{n}") if spec.trained else checkpoints[n] for n, spec in cfg.variants.items()}
     compare_dir = report / "compare"
-    stages.run("compare", {"settings": to_dict(cfg.compare), "models": trained},
+    stages.run("compare", {"settings": to_dict(cfg.compare), "models": model_keys},
                lambda: run_compare(models, cfg.compare, output_dir=compare_dir))
     compared = CompareResult.load(compare_dir)
 
     zeroshot_dir = report / "zeroshot"
     if cfg.zeroshot.enabled:
-        stages.run("zeroshot", {"settings": to_dict(cfg.zeroshot), "models": trained},
+        stages.run("zeroshot", {"settings": to_dict(cfg.zeroshot), "models": model_keys},
                    lambda: run_zeroshot(models, cfg.zeroshot, zeroshot_dir))
 
-    index = write_report(cfg, report, compared, stages.timings, time.time() - started)
+    index = write_report(cfg, report, compared, stages.timings, time.time() - started, checkpoints)
     print(f"[experiment] report: {index}", flush=True)
     return index
 
@@ -260,8 +363,8 @@ def run_experiment(cfg: ExperimentConfig, config_base: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="sinklm experiment",
-        description="Run an experiment end to end (prepare, train every variant, export, streaming comparison, "
-        "zero-shot) and write a report; re-running skips finished stages.",
+        description="Run an experiment end to end (prepare, train every variant that is not an existing checkpoint, "
+        "export, streaming comparison, zero-shot) and write a report; re-running skips finished stages.",
     )
     parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. report_dir=out/r train_overrides=[train.max_steps=20]")

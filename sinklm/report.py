@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 from data.settings import load_yaml
 from inference.compare_report import CompareResult, same_tokens_table, table_markdown
@@ -125,25 +126,47 @@ def _sinks_during_training(runs: dict[str, Path], plots: Path) -> list[str]:
     return lines
 
 
-def write_report(cfg, report: Path, compared: CompareResult, timings: dict[str, float], wall: float) -> Path:
-    """``<report>/index.md`` for experiment ``cfg`` (a :class:`sinklm.experiment.ExperimentConfig`)."""
-    runs = {name: report / "runs" / name for name in cfg.variants}
+def _checkpoint_rows(checkpoints: dict[str, dict[str, Any]]) -> list[str]:
+    """The variants that are existing checkpoints: where each came from (hub name, revision and the
+    commit it resolved to; or the local folder) and what it is."""
+    if not checkpoints:
+        return []
+    lines = ["Existing checkpoints, evaluated as they are (not trained here):", "",
+             "| variant | checkpoint | source | revision | model |", "|---|---|---|---|---|"]
+    for name, c in checkpoints.items():
+        if c.get("hub_name"):
+            source, revision = f"Hugging Face hub `{c['hub_name']}`", f"{c.get('revision') or 'main'} (commit `{c['commit'][:12]}`)"
+        else:
+            source, revision = f"{c['format']} folder `{c['path']}`", "-"
+        model = f"{c['variant']}, attention={c['attention']}, sink_tokens={c['sink_tokens']}"
+        lines.append(f"| {name} | `{c['checkpoint']}` | {source} | {revision} | {model} |")
+    return [*lines, ""]
+
+
+def write_report(cfg, report: Path, compared: CompareResult, timings: dict[str, float], wall: float,
+                 checkpoints: dict[str, dict[str, Any]] | None = None) -> Path:
+    """``<report>/index.md`` for experiment ``cfg`` (a :class:`sinklm.experiment.ExperimentConfig`);
+    ``checkpoints``: variant -> record of each variant that is an existing checkpoint
+    (:func:`sinklm.experiment.checkpoint_record`)."""
+    runs = {name: report / "runs" / name for name in cfg.trained}
     plots = report / "plots"
     plots.mkdir(exist_ok=True)
     lines = [f"# Experiment report: {cfg.name}", ""]
     results = collect_results(compared)
     lines += ["## Summary", "", summarise(results), ""]
 
-    lines += ["## What ran", "", f"- hardware: {hardware_description()}", f"- total wall time of this invocation: {wall:.0f} s"]
-    lines += ["", "| variant | training config | model | steps | tokens seen | final train loss | final val loss |", "|---|---|---|---:|---:|---:|---:|"]
+    lines += ["## What ran", "", f"- hardware: {hardware_description()}", f"- total wall time of this invocation: {wall:.0f} s", ""]
+    if runs:
+        lines += ["| variant | training config | model | steps | tokens seen | final train loss | final val loss |", "|---|---|---|---:|---:|---:|---:|"]
     for name, run in runs.items():
         resolved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
         model = resolved.get("model", {})
         shape = f"{model.get('name', '?')}, attention={model.get('attention', '?')}, sink_tokens={model.get('sink_tokens', '?')}"
         train_loss, val_loss, steps, tokens = _final_losses(run)
         fmt = lambda x: f"{x:.4f}" if x is not None else "-"  # noqa: E731
-        lines.append(f"| {name} | `{cfg.variants[name]}` | {shape} | {steps} | {tokens:,} | {fmt(train_loss)} | {fmt(val_loss)} |")
-    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+        lines.append(f"| {name} | `{cfg.variants[name].config}` | {shape} | {steps} | {tokens:,} | {fmt(train_loss)} | {fmt(val_loss)} |")
+    lines += [""] + _checkpoint_rows(checkpoints or {})
+    lines += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
 
     loss_plot = plot_all_losses(runs, plots / "loss_curves.png")
     for name, run in runs.items():
@@ -180,7 +203,7 @@ def write_report(cfg, report: Path, compared: CompareResult, timings: dict[str, 
         lines += ["Raw lm-eval output: `zeroshot/raw/`.", ""]
 
     lines += ["## Files", "", "- `runs/<variant>/`: DeepSpeed run folders (checkpoints, `config.yaml`, `metrics.jsonl`, `loss.png`)",
-              "- `exports/<variant>/`: Hugging Face exports", "- `compare/`: tables, CSVs, per-token NLL, plots",
+              "- `exports/<variant>/`: Hugging Face exports (checkpoint variants are read where they are)", "- `compare/`: tables, CSVs, per-token NLL, plots",
               "- `zeroshot/`: accuracy tables and raw lm-eval JSON", "- `stages/`: what finished (a re-run skips it)", ""]
     index = report / "index.md"
     index.write_text("\n".join(lines))

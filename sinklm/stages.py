@@ -33,10 +33,10 @@ DEFAULT_SECONDS = {"prepare": 120.0, "export": 60.0, "compare": 900.0, "zeroshot
 class Stages:
     """Markers in ``<report>/stages/``: a stage is done when its marker holds the same inputs.
 
-    ``planned``: every stage name in order; ``train_runs``: train stage name -> (run folder,
-    configured steps), what the ETA of training is computed from."""
+    ``planned``: every stage name in order; ``train_runs``: train stage name -> (run folder, the step it
+    starts from, its last step), what the ETA of training is computed from."""
 
-    def __init__(self, report: Path, planned: list[str] = (), train_runs: dict[str, tuple[Path, int]] | None = None,
+    def __init__(self, report: Path, planned: list[str] = (), train_runs: dict[str, tuple[Path, int, int]] | None = None,
                  forward_tokens: dict[str, int] | None = None):
         self.folder = report / "stages"
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ class Stages:
     def _step_costs(self) -> tuple[float, float] | None:
         """(seconds per training step, start-up seconds per training stage), measured, or None."""
         per_step, startup = [], []
-        for name, (run_dir, _) in self.train_runs.items():
+        for name, (run_dir, _, _) in self.train_runs.items():
             times = [r["step_time"] for r in read_metrics(run_dir) if r.get("kind") == "train" and r.get("step_time")]
             if len(times) < 2:
                 continue
@@ -65,7 +65,7 @@ class Stages:
 
     def _training_tokens_per_second(self) -> float | None:
         """The measured training throughput (mean of the logged tokens/s after the warm-up step), or None."""
-        rates = [r["tokens_per_s"] for run_dir, _ in self.train_runs.values() for r in read_metrics(run_dir)[1:]
+        rates = [r["tokens_per_s"] for run_dir, _, _ in self.train_runs.values() for r in read_metrics(run_dir)[1:]
                  if r.get("kind") == "train" and r.get("tokens_per_s")]
         return sum(rates) / len(rates) if rates else None
 
@@ -74,9 +74,9 @@ class Stages:
         if name in self.train_runs:
             if costs is None:
                 return None
-            run_dir, steps = self.train_runs[name]
+            run_dir, first, last = self.train_runs[name]
             logged = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
-            return costs[1] + max(0, steps - (max(logged) if logged else 0)) * costs[0]
+            return costs[1] + max(0, last - max(logged, default=first)) * costs[0]
         same = [s for n, s in self.timings.items() if n.split("-")[0] == kind and n not in self.train_runs]
         if same:
             return sum(same) / len(same)

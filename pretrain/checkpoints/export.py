@@ -59,13 +59,16 @@ def export_hf(
     return Path(out)
 
 
-def export_init(ckpt: Checkpoint, out: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
-    """Write an initial checkpoint (fp32, our names) for ``train.init_from``. When the source names a
-    tokenizer (e.g. a HF folder's own), its files go along, so converting back keeps it."""
+def export_init(
+    ckpt: Checkpoint, out: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = (), source: dict[str, Any] | None = None
+) -> Path:
+    """Write an initial checkpoint (fp32, our names) for ``train.init_from``, ``source`` recorded in its
+    metadata (:mod:`pretrain.checkpoints.init_format`). When the source names a tokenizer (e.g. a HF
+    folder's own), its files go along, so converting back keeps it."""
     tok = load_tokenizer_for(ckpt) if ckpt.tokenizer_spec is not None else None
     with _output_folder(out, overwrite, inputs) as tmp:
         state = {k: v.to(torch.float32) for k, v in tqdm(ckpt.state.items(), desc="fp32", leave=False)}
-        save_init_checkpoint(tmp, ckpt.config, state)
+        save_init_checkpoint(tmp, ckpt.config, state, source)
         if tok is not None:
             tok.save_pretrained(str(tmp))
     return Path(out)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +44,43 @@ def test_building_swaps_in_only_when_complete(tmp_path):
         with building(deep, False, "thing", _only_ours):
             raise RuntimeError
     assert not (tmp_path / "a").exists()
+
+
+def _killed_while(tmp_path, body: str) -> None:
+    """Run ``body`` in a child Python that SIGKILLs itself at the end, as a lost node or ``kill -9`` would."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from data.outputs import building, _sibling
+        out = Path({str(tmp_path / "out")!r})
+        def ours(folder):
+            return [p.name for p in folder.iterdir() if p.name != "ours.txt"]
+    """) + textwrap.dedent(body) + "\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    assert done.returncode == -signal.SIGKILL
+
+
+def test_a_killed_build_is_undone_by_the_next(tmp_path):
+    """Prevents ``kill -9`` during prepare/convert from leaving hidden half-written copies behind for
+    good, and a kill inside the swap (old output moved aside, new not yet in place) from losing the
+    earlier output: the next build of the same output removes the first and restores the second."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ours.txt").write_text("old")
+    _killed_while(tmp_path, """
+        with building(out, True, "thing", ours) as tmp:
+            (tmp / "ours.txt").write_text("half written")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert len(list(tmp_path.glob(".out.partial-*"))) == 1
+    _killed_while(tmp_path, """
+        out.rename(_sibling(out, "old"))  # the swap's first rename, then the kill
+    """)
+    assert not out.exists() and len(list(tmp_path.glob(".out.old-*"))) == 1
+    with building(out, True, "thing", _only_ours) as tmp:
+        assert (out / "ours.txt").read_text() == "old"  # put back before the new build starts
+        (tmp / "ours.txt").write_text("new")
+    assert (out / "ours.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_outputs_get_the_users_umask(tmp_path):

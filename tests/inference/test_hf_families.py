@@ -5,6 +5,8 @@ where eviction starts, for start sizes 0, 1 and 4; the chunked path against the 
 
 from __future__ import annotations
 
+import re
+
 import warnings
 
 import pytest
@@ -23,7 +25,7 @@ from transformers import (
 
 from hf_reference import ReferenceStream
 from inference.backends import HFBackend, as_backend
-from inference.hf_cache import HFSinkCache, cache_kwarg, hf_streaming_nll
+from inference.hf_cache import HFSinkCache, cache_kwarg, hf_streaming_nll, stream_prefill
 from inference.hf_chunked import hf_chunked_nll
 
 RECENT = 6
@@ -85,13 +87,9 @@ def test_reference_is_the_dense_model_before_eviction(family, ids):
 @pytest.mark.parametrize("start", [0, 1, 4])
 def test_per_token_cache_is_the_reference(family, ids, start):
     """HFSinkCache token by token: wrong slot distances after eviction (sink keys left at stale positions,
-    an ALiBi bias by stream distance instead of slot distance, evicted sinks) change the NLL. Falcon with
-    ALiBi cannot stream through stock FalconModel and must say so instead of running densely."""
-    name, model, expected = family
-    if name == "falcon-alibi":
-        with pytest.raises(ValueError, match="alibi"):
-            HFSinkCache(model, start, RECENT)
-        return
+    an ALiBi bias by stream distance instead of slot distance -- Falcon sizes its bias by get_seq_length(),
+    which must count slots there -- evicted sinks) change the NLL or fail on mismatched shapes."""
+    _, model, expected = family
     nll = hf_streaming_nll(model, ids, start, RECENT, progress=False)
     torch.testing.assert_close(nll, expected[start], atol=1e-4, rtol=1e-4)
 
@@ -119,12 +117,9 @@ def test_backend_streams_chunked_by_default_and_per_token_on_request(family, ids
 
 def test_generate_with_the_cache_is_a_manual_loop(family, ids):
     """model.generate(..., past_key_values=HFSinkCache) far past the eviction point must produce the
-    greedy continuation of a manual loop model(token, cache=...) (generate counts positions itself)."""
-    name, model, _ = family
-    if name == "falcon-alibi":  # no generation cache for it: refused by name, never a silent dense run
-        with pytest.raises(ValueError, match="alibi"):
-            HFSinkCache(model, 2, RECENT)
-        return
+    greedy continuation of a manual loop model(token, cache=...) (generate counts positions itself;
+    Falcon-ALiBi sizes its bias by the cache's slots)."""
+    _, model, _ = family
     prompt, new_tokens = ids[:5], 16
     cache, key = HFSinkCache(model, 2, RECENT), cache_kwarg(model)
     expected = []
@@ -140,6 +135,27 @@ def test_generate_with_the_cache_is_a_manual_loop(family, ids):
     assert out[0, len(prompt):].tolist() == expected
 
 
+def test_generate_continues_a_prefilled_cache(family, ids):
+    """The documented way to generate after a long prompt (stream_prefill past the eviction point, then
+    generate from the last id with the whole stream's mask) must continue exactly as a manual loop: for
+    Falcon-ALiBi, get_seq_length() counts slots, so generate given the whole ids would re-feed tokens."""
+    _, model, _ = family
+    prompt, new_tokens = ids[None, :14], 8
+    cache, key = HFSinkCache(model, 2, RECENT), cache_kwarg(model)
+    logits, expected = stream_prefill(model, prompt, cache)[0, -1], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            expected.append(int(logits.argmax()))
+            logits = model(input_ids=torch.tensor([[expected[-1]]]), **{key: cache}).logits[0, -1]
+    cache = HFSinkCache(model, 2, RECENT)
+    stream_prefill(model, prompt[:, :-1], cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model.generate(prompt[:, -1:], attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True)
+    assert out[0, 1:].tolist() == expected and cache.tokens_seen == 14 + new_tokens - 1
+
+
 def test_unsupported_family_is_refused_by_name():
     """No silent dense run: a family the cache cannot stream names itself and the supported ones."""
     model = GPTJForCausalLM(GPTJConfig(vocab_size=32, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64))
@@ -153,7 +169,7 @@ def test_unsupported_family_is_refused_by_name():
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
-    """Saved tiny MPT and Falcon (new layout) folders with the bundled tokenizer (its full vocabulary)."""
+    """Saved tiny MPT, Falcon (new layout) and Falcon-ALiBi folders with the bundled tokenizer (its full vocabulary)."""
     from data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
@@ -163,6 +179,8 @@ def hf_folders(tmp_path_factory):
         "mpt": MptForCausalLM(MptConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)),
         "falcon": FalconForCausalLM(FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                  num_kv_heads=2, new_decoder_architecture=True)),
+        "falcon-alibi": FalconForCausalLM(FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       alibi=True, new_decoder_architecture=False)),
     }.items():
         folder = tmp_path_factory.mktemp("hf") / name
         model.save_pretrained(folder)
@@ -213,23 +231,28 @@ def test_device_map_loads_through_accelerate_with_the_same_numbers(hf_folders):
         load_backend(neox, device_map="auto")
 
 
+@pytest.mark.parametrize("name", ["mpt", "falcon-alibi"])
 @pytest.mark.parametrize("tool", ["generate", "chat"])
-def test_generate_and_chat_stream_mpt(hf_folders, tool, monkeypatch, capsys):
-    """generate / chat on an MPT folder run past the cache size through the HF sink cache."""
+def test_generate_and_chat_stream_alibi_families(hf_folders, name, tool, monkeypatch, capsys):
+    """generate / chat on an MPT or Falcon-ALiBi folder run past the cache size through the HF sink cache
+    (Falcon-ALiBi failed there once the cache evicted: its bias sized by the tokens seen, not the slots)."""
     import io
 
     if tool == "generate":
         from inference.generate import main
 
-        args = [str(hf_folders["mpt"]), "--prompt", "Call me Ishmael.", "--max-new-tokens", "30", "--cache-size", "12",
+        args = [str(hf_folders[name]), "--prompt", "Call me Ishmael.", "--max-new-tokens", "30", "--cache-size", "12",
                 "--ignore-eos"]
     else:
         from inference.chat import main
 
-        monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
-        args = [str(hf_folders["mpt"]), "--cache-size", "12", "--max-new-tokens", "20"]
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nTell me more\n"))
+        args = [str(hf_folders[name]), "--cache-size", "12", "--max-new-tokens", "20"]
     assert main(args) == 0, capsys.readouterr().err
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cache 12/4+8]" in err
+    # the tokens fed, not the slots kept (Falcon-ALiBi counts positions by slot: it said "12")
+    assert int(re.search(r"stream length (\d+)", err).group(1)) > 20
 
 
 def test_unsupported_hf_folder_is_refused_with_the_supported_list(tmp_path, capsys):

@@ -109,31 +109,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _two_rank_losses(script: str, prepared_corpus: Path, run_dir: Path, extra_env: dict[str, str]) -> list[tuple[int, float]]:
+def _two_rank_losses(script: str, prepared_corpus: Path, run_dir: Path, stage: int) -> list[tuple[int, float]]:
+    """(step, loss) of a 3-step 2-rank run under ``script`` with ZeRO ``stage``: torchrun.sh names the DeepSpeed
+    JSON itself, accelerate.sh takes it from the plugin config configs/accelerate/zero{stage}.yaml."""
+    extra_env = {"ACCELERATE_CONFIG": str(REPO / "configs" / "accelerate" / f"zero{stage}.yaml")} if script == "accelerate.sh" else {}
     env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra_env}
     args = [
         "configs/experiments/quickstart-vanilla.yaml", f"--data.path={prepared_corpus}", f"--train.run_dir={run_dir}",
         "--train.max_steps=3", "--train.micro_batch_size=2", "--data.seq_len=64", "--data.text_tokens=62",
-        "--train.eval_batches=1", "--checkpoint.every=0", "--logging.plot=false",
+        "--train.eval_batches=1", "--checkpoint.every=0", "--logging.plot=false", "--probe.every=0",
     ]
     if script == "torchrun.sh":
-        args.append("--deepspeed.config=zero2")
+        args.append(f"--deepspeed.config=zero{stage}")
     result = subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert all(len(r["rank_loss"]) == 2 for r in rows), "not two ranks"
+    assert yaml.safe_load((run_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage  # the resolved JSON
     return [(r["step"], r["loss"]) for r in rows]
 
 
 @pytest.mark.slow
-def test_accelerate_launch_trains_like_torchrun(prepared_corpus, tmp_path):
-    """`launch/accelerate.sh` (accelerate launch, DeepSpeed plugin config configs/accelerate/zero2.yaml)
-    must run the same 2-rank ZeRO-2 training as `launch/torchrun.sh`: the same losses at every step.
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_launch_trains_like_torchrun(prepared_corpus, tmp_path, stage):
+    """`launch/accelerate.sh` (accelerate launch, DeepSpeed plugin config configs/accelerate/zero{2,3}.yaml)
+    must run the same 2-rank ZeRO-2 / ZeRO-3 training as `launch/torchrun.sh`: the same losses at every step.
     A launcher that drops the plugin's DeepSpeed JSON, starts one rank, or lets ranks see other data
-    shows up as different losses."""
-    torchrun = _two_rank_losses("torchrun.sh", prepared_corpus, tmp_path / "torchrun", {})
-    accelerate = _two_rank_losses("accelerate.sh", prepared_corpus, tmp_path / "accelerate",
-                                  {"ACCELERATE_CONFIG": str(REPO / "configs" / "accelerate" / "zero2.yaml")})
+    shows up as different losses (or, for ZeRO-3's partitioned parameters, as a run that fails)."""
+    torchrun = _two_rank_losses("torchrun.sh", prepared_corpus, tmp_path / "torchrun", stage)
+    accelerate = _two_rank_losses("accelerate.sh", prepared_corpus, tmp_path / "accelerate", stage)
     assert [s for s, _ in torchrun] == [1, 2, 3]
     assert accelerate == pytest.approx(torchrun, rel=1e-6)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data.settings import ConfigError
+from data.settings import ConfigError, load_yaml
 from sinklm.experiment import load_experiment, main
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "quickstart.yaml"
@@ -143,17 +143,41 @@ def test_bad_experiment_config_names_the_key(tmp_path):
     assert main([str(missing)]) == 2
 
 
-def test_every_shipped_experiment_config_loads():
-    """Prevents: a shipped experiment (paper-160m, gpu-day-70m...) failing on a cluster only after
-    its data is prepared because a key or a variant file is wrong, or its variants seeing
-    different text."""
+def test_every_shipped_experiment_config_loads(tmp_path, monkeypatch):
+    """Prevents: a shipped experiment (paper-160m, gpu-day-70m, pythia-160m-continue...) failing on a
+    cluster only after its data is prepared because a key or a variant file is wrong, its trained
+    variants seeing different text, a trained variant running without the sink probe (issue 15; the
+    paper configs had ``probe.every: 0``, which is off), or a checkpoint arm that is not the model it is
+    named after. Hub checkpoint arms resolve in a hand-made offline cache holding those revisions."""
+    from hub_cache_testing import build_hub_cache, use_hub_cache
+
+    from pretrain.checkpoints import describe
+    from pretrain.checkpoints.resolve import split_revision
     from pretrain.train_config import resolve_config
 
     experiments = [p for p in QUICKSTART.parent.glob("*.yaml") if "\nexperiment:" in "\n" + p.read_text()]
-    assert {p.stem for p in experiments} >= {"quickstart", "paper-160m", "gpu-day-70m"}
+    assert {p.stem for p in experiments} >= {"quickstart", "paper-160m", "gpu-day-70m", "pythia-160m-continue"}
+    hub_arms = {}
+    for path in experiments:
+        for value in load_yaml(path)["experiment"]["variants"].values():
+            if isinstance(value, dict) and "@" in value.get("checkpoint", ""):
+                name, revision = split_revision(value["checkpoint"])
+                hub_arms.setdefault(name, {})[revision] = f"{len(hub_arms):040d}"
+    for name, revisions in hub_arms.items():
+        build_hub_cache(tmp_path, name, revisions)
+    use_hub_cache(monkeypatch, tmp_path)
     for path in experiments:
         cfg, base = load_experiment(path)
-        runs = {name: resolve_config([str(base / file)], []) for name, file in cfg.variants.items()}
+        runs = {name: resolve_config([str(base / cfg.variants[name].config)], []) for name in cfg.trained}
+        assert runs, path.name
         for name, run in runs.items():
             assert run.model.variant == name, (path.name, name, run.model.variant)
+            assert run.probe.interval(available=True) > 0, (path.name, name, run.probe.every)
+        for name, spec in cfg.checkpoints.items():
+            assert describe(spec).variant == name, (path.name, name)
         assert len({(run.text_tokens, run.data.seed, run.train.max_steps) for run in runs.values()}) == 1, path.name
+    assert hub_arms == {"EleutherAI/pythia-160m-deduped": {"step101000": "0" * 40}}
+    continued = load_experiment(QUICKSTART.parent / "pythia-160m-continue.yaml")[0]
+    sink1 = resolve_config([str(QUICKSTART.parent / continued.variants["sink1"].config)], [])
+    assert continued.checkpoints["vanilla"] == f"EleutherAI/pythia-160m-deduped@step{sink1.train.max_steps}"
+    assert sink1.train.max_steps - sink1.data.start_step == 1000

@@ -20,7 +20,7 @@ def test_eta_comes_from_configured_steps_and_measured_step_time(tmp_path):
     other stages at their measured or default cost, refined as each stage finishes."""
     runs = tmp_path / "runs"
     planned = ["prepare", "train-a", "export-a", "train-b", "export-b", "compare"]
-    stages = Stages(tmp_path, planned, {"train-a": (runs / "a", 10), "train-b": (runs / "b", 20)})
+    stages = Stages(tmp_path, planned, {"train-a": (runs / "a", 0, 10), "train-b": (runs / "b", 0, 20)})
     stages.run("prepare", {}, lambda: None)
     assert stages.eta() == ", ETA after the first training stage"
     stages.run("train-a", {}, lambda: _log_steps(runs / "a", 10, 0.5))
@@ -33,12 +33,21 @@ def test_eta_comes_from_configured_steps_and_measured_step_time(tmp_path):
     assert stages.eta() == f", about {left // 60:.0f}:{left % 60:02.0f} left"
 
 
+def test_eta_of_a_continued_run_counts_from_its_start_step(tmp_path):
+    """Prevents an ETA of 101,000 steps for continuing Pythia from step 100,000 to 101,000 (its steps
+    count from data.start_step): a run not yet started costs last - first steps."""
+    runs = tmp_path / "runs"
+    stages = Stages(tmp_path, ["train-a", "train-b"], {"train-a": (runs / "a", 0, 10), "train-b": (runs / "b", 100, 110)})
+    stages.run("train-a", {}, lambda: _log_steps(runs / "a", 10, 2.0))
+    assert stages.eta() == ", about 0:20 left"  # 10 steps x 2 s, not 110 x 2 s
+
+
 def test_eta_of_evaluation_stages_follows_measured_throughput(tmp_path):
     """Prevents the quickstart's "about 38:31 left" after its first training stage (compare and
     zeroshot at fixed 15-minute guesses for a job that took 52 s): a stage with a known forward-pass
     workload is estimated at three times the measured training tokens/s."""
     runs = tmp_path / "runs"
-    stages = Stages(tmp_path, ["train-a", "compare"], {"train-a": (runs / "a", 4)}, {"compare": 600_000})
+    stages = Stages(tmp_path, ["train-a", "compare"], {"train-a": (runs / "a", 0, 4)}, {"compare": 600_000})
     rows = [{"kind": "train", "step": s, "loss": 1.0, "step_time": 1.0, "tokens_per_s": 1000.0 if s > 1 else 10.0}
             for s in range(1, 5)]
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_testing import REPO, randomise
+from ckpt_testing import REPO
+from hub_cache_testing import build_hub_cache, use_hub_cache
 
 from pretrain.checkpoints import read_checkpoint
 from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.resolve import resolve, split_revision
-from pretrain.config import ModelConfig
-from pretrain.hf_keymap import to_hf_config
 
 HUB = "test-owner/tiny-neox"
 COMMITS = {"step1": "a" * 40, "step2": "b" * 40}
@@ -24,32 +23,13 @@ COMMITS = {"step1": "a" * 40, "step2": "b" * 40}
 
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory) -> Path:
-    """An HF cache with revisions step1 and step2 of HUB (differently randomised tiny GPT-NeoX)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from data.tokenizer import load_tokenizer
-
-    cache = tmp_path_factory.mktemp("hf_cache")
-    repo = cache / f"models--{HUB.replace('/', '--')}"
-    cfg = ModelConfig.from_preset("tiny", hidden_size=32, max_seq_len=64)
-    hf_cfg = GPTNeoXConfig(**{k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type")})
-    for seed, (revision, commit) in enumerate(COMMITS.items()):
-        model = GPTNeoXForCausalLM(hf_cfg)
-        randomise(model, seed=seed)
-        model.save_pretrained(repo / "snapshots" / commit)
-        load_tokenizer(None).save_pretrained(repo / "snapshots" / commit)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / revision).write_text(commit)
-    return cache
+    """An HF cache with revisions step1 and step2 of HUB (tiny GPT-NeoX, different weights)."""
+    return build_hub_cache(tmp_path_factory.mktemp("hf_cache"), HUB, COMMITS)
 
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return hub_cache
+    return use_hub_cache(monkeypatch, hub_cache)
 
 
 def test_split_revision_rule(tmp_path, monkeypatch):
