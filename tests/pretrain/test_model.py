@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.hf_keymap import KEY_MAP, from_hf_config, from_hf_state_dict, load_into_hf_model, to_hf_config, to_hf_state_dict
-from pretrain.model import DenseCache, GPTNeoX
+from pretrain.model import DenseCache, GPTNeoX, VocabHead
 
 
 def _hf_model(cfg: ModelConfig):
@@ -169,3 +170,26 @@ def test_hidden_states_is_the_trunk_of_forward():
     assert torch.equal(out.hidden_states, hidden) and torch.equal(out.logits, model.lm_head(hidden))
     assert len(attentions) == 2 and all(torch.equal(a, b) for a, b in zip(attentions, out.attentions))
     torch.testing.assert_close(stepped, hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_head_follows_weight_changes():
+    """The CPU decode head multiplies one or two rows by a transposed copy of the weight (3x faster than
+    F.linear there); prevents stale logits from that copy after an in-place update (an optimizer step),
+    a load_state_dict, or a new weight tensor, and checks it equals F.linear for 1, 2 and many rows."""
+    torch.manual_seed(0)
+    head = VocabHead(16, 96, bias=False)
+    with torch.no_grad():
+        for rows in (1, 2, 5):
+            h = torch.randn(rows, 16)
+            torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
+        h = torch.randn(1, 1, 16)
+        head(h)  # builds the copy
+        head.weight.add_(1.0)  # in place, as an optimizer step
+        torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
+        head.load_state_dict({"weight": torch.randn(96, 16)})
+        torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
+        head.weight = torch.nn.Parameter(torch.randn(96, 16))
+        torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
+    h.requires_grad_(True)
+    head(h).sum().backward()  # with grad: the module's own path, gradients reach the input
+    assert h.grad is not None
