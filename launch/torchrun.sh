@@ -26,4 +26,4 @@ if [[ "$NNODES" -gt 1 ]]; then
 else
     RDZV=(--standalone)
 fi
-exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC" --no-python "$SINKLM" train "$CONFIG" "$@"
+exec "$PYTHON" -m pretrain.torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" --no-python "$SINKLM" train "$CONFIG" "$@"

@@ -2,7 +2,9 @@
 terminal sends it, makes every rank save a checkpoint at the end of its step and exit with a one-line
 message; resuming from it gives exactly the losses of an uninterrupted run.
 
-Prevents: a KeyboardInterrupt traceback that loses up to ``checkpoint.every`` steps of training.
+Prevents: a KeyboardInterrupt traceback that loses up to ``checkpoint.every`` steps of training, and
+torchrun's own SignalException traceback after the ranks have stopped in order (the launcher here is
+``python -m pretrain.torchrun``, what launch/torchrun.sh runs).
 A process started in the background of a non-interactive shell (as pytest's children are) inherits
 SIGINT as ignored, and the trainer respects an inherited ignore, so the launcher here restores the
 default handler in the child first, as an interactive terminal would have it.
@@ -29,7 +31,7 @@ def _restore_default_sigint() -> None:
 def test_sigint_saves_and_resumes_exactly(prepared_corpus, zero2_run, tmp_path):  # noqa: F811
     run_dir, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
     args = train_args(prepared_corpus, run_dir, "vanilla", "--deepspeed.config=zero2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    torchrun = [sys.executable, "-m", "pretrain.torchrun", "--nproc_per_node=2", f"--master_port={free_port()}"]
     proc = subprocess.Popen(
         [*torchrun, "--no-python", SINKLM, "train", *args],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -47,7 +49,8 @@ def test_sigint_saves_and_resumes_exactly(prepared_corpus, zero2_run, tmp_path):
     saved = int((run_dir / "latest").read_text().strip().removeprefix("global_step"))
     assert SAVE_EVERY < saved < STEPS, f"no checkpoint after the interrupt (latest: step {saved}):\n{text[-3000:]}"
     assert f"SIGINT: saved step {saved}; exiting" in text, text[-3000:]
-    assert "KeyboardInterrupt" not in text, text[-3000:]
+    assert "KeyboardInterrupt" not in text and "Traceback" not in text, text[-3000:]
+    assert proc.returncode == 128 + signal.SIGINT and "torchrun: stopped by SIGINT" in text, text[-3000:]
     assert [r["step"] for r in records(run_dir)] == list(range(1, saved + 1))  # no step past the save
 
     run_to_end(args, tmp_path / "resumed.log")
