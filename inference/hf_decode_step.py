@@ -40,7 +40,6 @@ from inference.hf_cache import HFSinkCache, cache_kwarg
 from inference.hf_chunked import attention_implementation
 from inference.hf_families import INTERFACE_TYPES, check_supported, key_shift_of, text_config
 from inference.static_step import StaticStep, ring_slot
-from pretrain.model import rotary_tables, rotate_half
 
 
 ATTENTION_NAME = "sinklm_decode"
@@ -95,8 +94,7 @@ class HFStaticLayer(CacheLayerMixin):
         s = owner.start_size
         if s:
             self.sinks.index_copy_(2, owner.sink_slot, key_states)
-            # as KeyShift: rotate the stored form in float32, back to the cache's dtype
-            shifted = rotate_half(self.sinks[:, :, :s].float(), owner.cos, owner.sin).to(self.keys.dtype)
+            shifted = owner.key_shift.rotate(self.sinks[:, :, :s], owner.cos, owner.sin)  # the stored form, shifted
             self.keys.index_copy_(2, owner.sink_slots, shifted)
         return self.keys, self.values
 
@@ -142,8 +140,8 @@ class HFStaticCache(Cache):
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # t, as position_ids
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.sink_slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.inv_freq = key_shift_of(model).rotary_module.inv_freq
-        rotary_dim = 2 * self.inv_freq.shape[-1]
+        self.key_shift = key_shift_of(model)
+        rotary_dim = self.key_shift.rotary_dim
         self.cos = torch.ones(1, rotary_dim, dtype=torch.float32, device=device)
         self.sin = torch.zeros(1, rotary_dim, dtype=torch.float32, device=device)
         super().__init__(layers=[HFStaticLayer(self, i) for i in range(config.num_hidden_layers)])
@@ -166,7 +164,7 @@ class HFStaticCache(Cache):
         self.bias.index_fill_(0, self.slot, 0.0)
         if s:
             self.sink_slot.copy_(t.clamp(max=s).view(1))
-            cos, sin = rotary_tables(self.inv_freq, (t - s - r).clamp(min=0).view(1), torch.float32)
+            cos, sin = self.key_shift.tables((t - s - r).clamp(min=0).view(1))
             self.cos.copy_(cos)
             self.sin.copy_(sin)
 

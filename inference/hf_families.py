@@ -86,10 +86,17 @@ class KeyShift:
             if shift == 0 or keys.shape[-2] == 0:
                 return keys
             shift = torch.tensor([shift], device=keys.device)
-        cos, sin = rotary_tables(self.rotary_module.inv_freq, shift.to(keys.device), torch.float32)  # (T, rotary_dim)
+        return self.rotate(keys, *self.tables(shift.to(keys.device)))
+
+    def tables(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, rotary_dim) in float32 of a shift (T,): computed once, applied by :meth:`rotate`."""
+        return rotary_tables(self.rotary_module.inv_freq, shift, torch.float32)
+
+    def rotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """keys (..., T, D) rotated by the angles of :meth:`tables`, in float32, back in their dtype."""
         dim = self.rotary_dim
         shifted = rotate_half(keys[..., :dim].float(), cos, sin).to(keys.dtype)
-        return torch.cat([shifted, keys[..., dim:]], dim=-1)
+        return shifted if dim == keys.shape[-1] else torch.cat([shifted, keys[..., dim:]], dim=-1)
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from data.shards import DataError
-from data.token_source import open_token_source
 from inference.backends import Backend, load_backend
 from inference.probe import backend_probe
 from inference.stream import StreamError, TextSettings
@@ -85,8 +84,7 @@ def _run_config(run_dir: Path) -> RunConfig:
 def _validation_text(run: RunConfig, run_dir: Path) -> torch.Tensor:
     folder = run.validation_dir
     try:
-        stream = open_token_source(folder, run.data.validation_split, run.model.vocab_size, verify=False).stream
-        return torch.from_numpy(stream[: run.probe.num_tokens].astype("int64"))
+        return torch.from_numpy(run.validation_text(run.probe.num_tokens).astype("int64"))
     except (DataError, FileNotFoundError, OSError, TypeError) as err:
         raise ProbeStepsError(f"--steps-of {run_dir}: its validation split {run.data.validation_split!r} in {folder} is not "
                               f"readable ({err}); give the text with --text or --dataset") from None

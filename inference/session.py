@@ -203,8 +203,7 @@ class HFStreamingSession(GenerationSession):
 
     @property
     def tokens_kept(self) -> int:
-        layer = self.cache.layers[0]
-        return 0 if not layer.is_initialized else layer.keys.shape[-2]
+        return self.cache.layers[0].kept
 
     def _feed(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] == 1 and self.decode != "none" and (self._step is not None or self._cache.layers[0].seen):

@@ -31,7 +31,6 @@ import yaml
 from data.loader import SampleLoader
 from data.settings import ArgumentParser, split_cli_overrides
 from data.shards import DataError
-from data.token_source import open_token_source
 from data.verify import split_identity
 from pretrain.checkpoints import load_init_for_training
 from pretrain.checkpoints.init_format import start_step_from_init
@@ -314,8 +313,7 @@ class Trainer:
             return
         probe = self.run.probe
         began = time.perf_counter()
-        source = open_token_source(self.run.validation_dir, self.run.data.validation_split, self.run.model.vocab_size, verify=False)
-        text = torch.from_numpy(source.stream[: probe.num_tokens])
+        text = torch.from_numpy(self.run.validation_text(probe.num_tokens))
         self.engine.eval()
         values = self.probe_fn(self.engine.module, text, probe)
         self.engine.train()

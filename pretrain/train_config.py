@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from data.pythia_batches import PYTHIA_GLOBAL_BATCH
 from data.settings import apply_override, deep_merge, load_config_file, parse_override
+from data.token_source import open_token_source
 from pretrain.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, load_yaml, preset_path, to_dict
 
 # Pythia's peak learning rates (EleutherAI/pythia models/*.yml), keyed by ModelConfig.name.
@@ -310,6 +313,12 @@ class RunConfig:
         if self.data.validation_path:
             return self.data.validation_path
         return self.data.path if self.data.format == "shards" else None
+
+    def validation_text(self, count: int) -> np.ndarray:
+        """The first ``count`` tokens of the validation text (int64; a prepared folder's split or a
+        Megatron dataset): what the sink probe streams, in training and when replayed from checkpoints."""
+        source = open_token_source(self.validation_dir, self.data.validation_split, self.model.vocab_size, verify=False)
+        return source.stream[:count]
 
     @property
     def sample_len(self) -> int:

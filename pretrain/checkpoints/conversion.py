@@ -16,7 +16,6 @@ from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.export import check_export_folder, export_hf, export_init
 from pretrain.checkpoints.init_format import describe_source, read_init_source
 from pretrain.checkpoints.read import Checkpoint, read_checkpoint
-from pretrain.checkpoints.resolve import is_hub_name, split_revision
 from pretrain.checkpoints.training import step_of
 from pretrain.checkpoints.transform import add_sink_tokens, set_attention
 from pretrain.config import ATTENTION_KINDS
@@ -72,7 +71,7 @@ def convert(source: str | Path, output: str | Path, settings: ExportSettings | N
     for note in ckpt.notes:
         print(f"note:   {note}", file=sys.stderr)
     if target == "init":
-        record = source_record(source, s.revision, ckpt)
+        record = source_record(ckpt)
         export_init(ckpt, output, overwrite=s.overwrite, inputs=inputs, source=record)
         print(f"recorded source: {describe_source(record)}", file=sys.stderr)
     else:
@@ -81,16 +80,17 @@ def convert(source: str | Path, output: str | Path, settings: ExportSettings | N
     return Path(output)
 
 
-def source_record(source: str | Path, revision: str | None, ckpt: Checkpoint) -> dict[str, Any]:
-    """Where converted weights came from, as an initial checkpoint records it: a hub model's name,
-    revision (the hub's default ``main`` when none was given) and commit (its snapshot folder), or
-    a local folder's absolute path, with the DeepSpeed tag / step, and ``from``: the record of an
-    initial checkpoint read (so a Pythia ``stepN`` survives adding sink tokens in a second pass)."""
-    text, revision = split_revision(source, revision)
-    if is_hub_name(text):
-        commit = ckpt.path.name if ckpt.path is not None and ckpt.path.parent.name == "snapshots" else None
-        return {"hub_name": text, "revision": revision or "main", "commit": commit}
-    record: dict[str, Any] = {"path": str(Path(text).expanduser().resolve()), "format": ckpt.format}
+def source_record(ckpt: Checkpoint) -> dict[str, Any]:
+    """Where converted weights came from, as an initial checkpoint records it (from what the
+    checkpoint layer resolved): a hub model's name, revision (the hub's default ``main`` when none
+    was given) and commit (its snapshot folder), or a local folder's absolute path, with the
+    DeepSpeed tag / step, and ``from``: the record of an initial checkpoint read (so a Pythia
+    ``stepN`` survives adding sink tokens in a second pass)."""
+    resolved = ckpt.resolved
+    assert resolved is not None, "read_checkpoint sets it"
+    if resolved.hub_name:
+        return {"hub_name": resolved.hub_name, "revision": resolved.revision or "main", "commit": resolved.path.name}
+    record: dict[str, Any] = {"path": str(resolved.path.resolve()), "format": ckpt.format}
     if ckpt.step is not None:
         record["step"] = ckpt.step
     if ckpt.format == "init" and ckpt.path is not None:

@@ -42,8 +42,13 @@ class Checkpoint:
     run_config: dict[str, Any] | None = None  # a DeepSpeed run's resolved config.yaml
     step: int | None = None
     tokens_seen: int | None = None
-    path: Path | None = None  # the local folder read
+    resolved: ResolvedCheckpoint | None = None  # where the spec pointed (the folder read; a hub name, revision)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path | None:
+        """The local folder read (a hub model's snapshot folder)."""
+        return self.resolved.path if self.resolved is not None else None
 
 
 def read_run_config(run: Path) -> tuple[dict[str, Any], ModelConfig]:
@@ -93,7 +98,7 @@ def read_checkpoint(
         ckpt = _read_init(resolved.path)
     else:
         ckpt = _read_hf(resolved.path, text_vocab_size, resolved.name)
-    ckpt.path = resolved.path
+    ckpt.resolved = resolved
     if tokenizer is not None:
         ckpt.tokenizer_spec = tokenizer
     ckpt.state = validated_state(ckpt.state, ckpt.config, ckpt.source)
