@@ -234,8 +234,7 @@ class HFDecodeStep(StaticStep):
         with attention_implementation(self.model, ATTENTION_NAME):
             return super().__call__(ids)
 
-    @torch.no_grad()
-    def _step(self) -> None:
+    def _step(self) -> None:  # called by StaticStep under inference_mode
         cache = self.cache
         cache.begin()
         out = self.model(input_ids=self.input_ids, position_ids=cache.position, attention_mask=cache.mask,

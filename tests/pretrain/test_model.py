@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.hf_keymap import KEY_MAP, from_hf_config, from_hf_state_dict, load_into_hf_model, to_hf_config, to_hf_state_dict
-from pretrain.model import DenseCache, GPTNeoX, VocabHead
+from pretrain.model import DenseCache, GPTNeoX, VocabHead, rotary_matrix, rotary_tables, rotate_half
 
 
 def _hf_model(cfg: ModelConfig):
@@ -173,23 +173,41 @@ def test_hidden_states_is_the_trunk_of_forward():
 
 
 def test_decode_head_follows_weight_changes():
-    """The CPU decode head multiplies one or two rows by a transposed copy of the weight (3x faster than
-    F.linear there); prevents stale logits from that copy after an in-place update (an optimizer step),
-    a load_state_dict, or a new weight tensor, and checks it equals F.linear for 1, 2 and many rows."""
+    """The CPU decode head multiplies up to FEW_ROWS rows by a copy of the weight cut into column
+    blocks (several times faster than F.linear there); prevents stale logits from that copy after an
+    in-place update (an optimizer step), a load_state_dict, or a new weight tensor, rows put back in
+    the wrong order (leading dims, a vocabulary that 8 does not divide), and checks it equals
+    F.linear on both sides of FEW_ROWS."""
     torch.manual_seed(0)
-    head = VocabHead(16, 96, bias=False)
+    for vocab in (96, 90):
+        head = VocabHead(16, vocab, bias=False)
+        with torch.no_grad():
+            for shape in ((1, 16), (2, 16), (2, 3, 16), (VocabHead.FEW_ROWS, 16), (VocabHead.FEW_ROWS + 1, 16)):
+                h = torch.randn(shape)
+                torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        for rows in (1, 2, 5):
-            h = torch.randn(rows, 16)
-            torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
         h = torch.randn(1, 1, 16)
         head(h)  # builds the copy
         head.weight.add_(1.0)  # in place, as an optimizer step
         torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
-        head.load_state_dict({"weight": torch.randn(96, 16)})
+        head.load_state_dict({"weight": torch.randn(vocab, 16)})
         torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
-        head.weight = torch.nn.Parameter(torch.randn(96, 16))
+        head.weight = torch.nn.Parameter(torch.randn(vocab, 16))
         torch.testing.assert_close(head(h), F.linear(h, head.weight), rtol=1e-6, atol=1e-6)
     h.requires_grad_(True)
     head(h).sum().backward()  # with grad: the module's own path, gradients reach the input
     assert h.grad is not None
+
+
+@pytest.mark.parametrize("head_dim, ndims", [(32, 8), (16, 16), (64, 16)])
+def test_rotary_matrix_is_rotate_half(head_dim, ndims):
+    """The decode step rotates by one product with rotary_matrix instead of rotate_half's slices;
+    prevents a sign, a swapped half or a pass-through dim lost in that matrix (partial and full
+    rotary, float64 angles of a position in the millions, one matrix per row)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, ndims, 2, dtype=torch.float64) / ndims))
+    positions = torch.tensor([0, 7, 3_000_001])
+    cos, sin = rotary_tables(inv_freq, positions, torch.float32, torch.float64)  # (3, ndims)
+    x = torch.randn(2, 4, 3, head_dim, generator=torch.Generator().manual_seed(0))
+    rotated = (x.unsqueeze(-2) @ rotary_matrix(cos, sin, head_dim)).squeeze(-2)
+    torch.testing.assert_close(rotated, rotate_half(x, cos, sin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rotated[..., ndims:], x[..., ndims:], rtol=0, atol=0)
