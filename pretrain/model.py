@@ -50,16 +50,16 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 def rotary_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The (..., D, D) matrix M with ``x @ M == rotate_half(x, cos, sin)`` for x (..., D), from tables
     cos, sin (..., ndims): one product instead of the slices and concatenations of :func:`rotate_half`,
-    for a decode step that rotates a single position per row (the angles are shared by every layer)."""
+    for a decode step that rotates a single position per row (the angles are shared by every layer).
+    Built from elementwise ops and constants only (no indexed writes), so it captures in a CUDA graph."""
     ndims, half = cos.shape[-1], cos.shape[-1] // 2
-    diagonal = F.pad(cos, (0, head_dim - ndims), value=1.0)  # the pass-through dims keep their value
-    matrix = torch.diag_embed(diagonal)
-    # rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] for half <= i < ndims
-    cols = torch.arange(ndims, device=cos.device)
-    rows = torch.where(cols < half, cols + half, cols - half)
-    signs = torch.where(cols < half, -1.0, 1.0).to(sin.dtype)
-    matrix[..., rows, cols] += signs * sin
-    return matrix
+    # rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] for half <= i < ndims: x @ swap
+    eye = torch.eye(half, dtype=cos.dtype, device=cos.device)
+    zero = torch.zeros_like(eye)
+    swap = torch.cat([torch.cat([zero, eye], dim=1), torch.cat([-eye, zero], dim=1)], dim=0)  # (ndims, ndims)
+    swap = F.pad(swap, (0, head_dim - ndims, 0, head_dim - ndims))  # the pass-through dims are not mixed
+    diagonal = F.pad(cos, (0, head_dim - ndims), value=1.0)  # ... and keep their value
+    return torch.diag_embed(diagonal) + swap * F.pad(sin, (0, head_dim - ndims))[..., None, :]
 
 
 class RotaryEmbedding(nn.Module):
