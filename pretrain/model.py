@@ -247,7 +247,7 @@ class VocabHead(nn.Linear):
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
         if getattr(self, "_blocked_key", None) != key:
             vocab, width = weight.shape
-            blocks = next(b for b in (self.BLOCKS, 4, 2, 1) if vocab % b == 0)
+            blocks = next(b for b in range(self.BLOCKS, 0, -1) if vocab % b == 0)  # the most that divide V
             self._blocked = weight.detach().t().reshape(width, blocks, vocab // blocks).transpose(0, 1).contiguous()
             self._blocked_key = key
         return self._blocked

@@ -176,10 +176,10 @@ def test_decode_head_follows_weight_changes():
     """The CPU decode head multiplies up to FEW_ROWS rows by a copy of the weight cut into column
     blocks (several times faster than F.linear there); prevents stale logits from that copy after an
     in-place update (an optimizer step), a load_state_dict, or a new weight tensor, rows put back in
-    the wrong order (leading dims, a vocabulary that 8 does not divide), and checks it equals
+    the wrong order (leading dims, a vocabulary that BLOCKS does not divide), and checks it equals
     F.linear on both sides of FEW_ROWS."""
     torch.manual_seed(0)
-    for vocab in (96, 90):
+    for vocab in (96, 90):  # 4 blocks; 90 is cut into 2
         head = VocabHead(16, vocab, bias=False)
         with torch.no_grad():
             for shape in ((1, 16), (2, 16), (2, 3, 16), (VocabHead.FEW_ROWS, 16), (VocabHead.FEW_ROWS + 1, 16)):
