@@ -6,7 +6,7 @@ then costs a host round-trip per layer and launches shaped by Python state, so o
 by launches, not arithmetic. Here the same cache semantics (see the module docstring of
 :mod:`inference.cache`) are laid out for one new token per step:
 
-- one preallocated buffer per layer for keys and one for values, ``s`` sink slots followed by the
+- one preallocated buffer holds every layer's keys and values, ``s`` sink slots followed by the
   ``r`` ring slots (slot ``s + (j - s) % r`` holds window token j, as in SinkCache's ring) and one
   last slot for the step's own token, so a layer scores and mixes all it attends to in one product
   each (a CPU step is bound by the number of small kernels, not by arithmetic);
@@ -14,16 +14,18 @@ by launches, not arithmetic. Here the same cache semantics (see the module docst
   ``-inf`` for an empty one) are device tensors, updated in place by the step itself;
 - the rotary angles for the step's three positions (query for the window at t, query for the
   sinks at min(t, s + r), the new key at t) are formed once per step on the device, in float64 as
-  SinkCache does, as rotation matrices (:func:`pretrain.model.rotary_matrix`) shared by all layers:
-  a layer rotates its query twice and its key once with two products; no per-layer memo, no
-  ``.item()``.
+  SinkCache does, as one (3D, 4D) matrix shared by all layers (built from
+  :func:`pretrain.model.rotary_matrix` blocks; the query blocks carry the scores' 1/sqrt(D)): one
+  product of a head's [q, k, v] gives both rotated queries, the rotated key and the value; no
+  per-layer memo, no ``.item()``.
 
 So every step runs the same kernels on the same addresses, batches of B streams in lockstep, from
 the first token on (empty slots are masked) and across the point where eviction starts.
 :class:`DecodeStep` runs the whole step (embedding, every layer, the head) eagerly, through
-``torch.compile`` or replayed from one captured CUDA graph. Prompts still go through SinkCache's
-chunked path: :meth:`StaticSinkCache.from_sink_cache` takes over its state and
-:meth:`StaticSinkCache.write_back` returns it.
+``torch.compile`` or replayed from one captured CUDA graph, over the blocks' folded products
+(:mod:`inference.folded_blocks`). Prompts still go through SinkCache's chunked path:
+:meth:`StaticSinkCache.from_sink_cache` takes over its state and :meth:`StaticSinkCache.write_back`
+returns it.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+from inference.folded_blocks import FoldedBlocks
 from inference.static_step import MODES, StaticStep, ring_slot
 from pretrain.attention import attention_probs
-from pretrain.model import rotary_matrix, rotary_tables
+from pretrain.model import rotary_matrix, rotary_swap, rotary_tables
 
 __all__ = ["MODES", "DecodeStep", "StaticSinkCache"]
 
 
 class StaticSinkCache:
-    """The model's cache protocol (:class:`pretrain.model.KVCache`) for one token per step, fixed shapes."""
+    """SinkCache's state for one token per step, in fixed buffers, and one layer's attention over it."""
 
     def __init__(self, model, batch_size: int, start_size: int, recent_size: int, dtype: torch.dtype | None = None):
         config, param = model.config, next(model.parameters())
@@ -49,29 +53,57 @@ class StaticSinkCache:
             raise ValueError(f"StaticSinkCache needs a bounded window (recent_size >= 1), got {recent_size!r}")
         self.start_size, self.recent_size = start_size, recent_size
         n = start_size + recent_size
+        B, H, D = batch_size, config.num_heads, config.head_dim
         # slots: s sinks, the r-slot ring, then the step's own token (rewritten every step)
-        shape = (config.num_layers, batch_size, config.num_heads, n + 1, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros((config.num_layers, 2, B, H, n + 1, D), dtype=dtype, device=device)  # [keys, values]
         # additive mask over the slots: -inf while a slot is empty; the own-token slot is always on
-        self.bias = torch.full((n + 1,), float("-inf"), dtype=torch.float32, device=device)
+        self.bias = torch.full((n + 1,), float("-inf"), dtype=dtype, device=device)
         self.bias[n] = 0.0
         # the sink slots take the query rotated at the sinks' position, the rest the query at t
         self.is_sink = torch.arange(n + 1, device=device) < start_size
         self.position = torch.zeros((), dtype=torch.long, device=device)  # t: the next token's stream position
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where token t is written
         self.inv_freq = model.blocks[0].attn.rotary.inv_freq.to(torch.float64)  # as SinkCache's float64 angles
-        d = config.head_dim
-        self.rotate_query = torch.zeros(d, 2 * d, dtype=dtype, device=device)  # [at t | at min(t, s + r)]
-        self.rotate_key = torch.zeros(d, d, dtype=dtype, device=device)  # at t
+        # a head's [q, k, v] (3D) @ rotation -> [q at t, q at min(t, s + r) (both scaled), k at t, v] (4D)
+        self.rotation = torch.zeros(3 * D, 4 * D, dtype=dtype, device=device)
+        self.rotation[2 * D :, 3 * D :] = torch.eye(D, dtype=dtype, device=device)
+        self._query_blocks = self.rotation[:D, : 2 * D].view(D, 2, D)  # q -> [q at t | q at sinks]
+        self._key_block = self.rotation[D : 2 * D, 2 * D : 3 * D]
+        ndims = model.blocks[0].attn.rotary.ndims
+        self._swap = rotary_swap(ndims, D, torch.float64, device)
+        self._block_scale = torch.tensor([1.0 / math.sqrt(D)] * 2 + [1.0], dtype=torch.float64, device=device).view(3, 1, 1)
+        # per-layer views and the step's scratch tensors, made once: a layer slices and allocates
+        # nothing (on a CPU each of those is another ~1 us of dispatch, and a step runs ~15 per layer)
+        per_head = self.kv.view(config.num_layers, 2, B * H, n + 1, D)
+        self._layer_kv = list(self.kv)  # (2, B, H, n + 1, D) per layer
+        self._keys_t = [layer[0].transpose(1, 2) for layer in per_head]  # (B H, D, n + 1)
+        self._values = [layer[1] for layer in per_head]  # (B H, n + 1, D)
+        self._own = [layer[:, :, :, n:] for layer in self.kv]  # (2, B, H, 1, D): the own-token slot
+        self._rows = torch.zeros(B, H, 1, 4 * D, dtype=dtype, device=device)  # [q at t, q at sinks, k, v]
+        self._new = self._rows[..., 2 * D :].view(B, H, 1, 2, D).permute(3, 0, 1, 2, 4)  # (2, B, H, 1, D)
+        self._queries = self._rows[..., : 2 * D].view(B * H, 2, D)
+        both = torch.zeros(B * H, 2, n + 1, dtype=dtype, device=device)  # the scores of both queries
+        self._both, self._both_window, self._both_sinks = both, both[:, :1], both[:, 1:]
+        self._scores = torch.zeros(B * H, 1, n + 1, dtype=dtype, device=device)
+        self._scores_heads = self._scores.view(B, H, 1, n + 1)
+        self._out = torch.zeros(B * H, 1, D, dtype=dtype, device=device)
+        self._out_rows = self._out.view(B, H * D)
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.kv.shape[2]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.kv[:, 0]  # (L, B, H, n + 1, D), a view
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv[:, 1]
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """Every tensor the step reads or writes in place (their addresses never change)."""
-        return (self.keys, self.values, self.bias, self.position, self.slot, self.rotate_query, self.rotate_key)
+        return (self.kv, self.bias, self.position, self.slot, self.rotation)
 
     # -- the step's bookkeeping, all on the device ----------------------------------------------
 
@@ -80,10 +112,11 @@ class StaticSinkCache:
         s, r = self.start_size, self.recent_size
         t = self.position
         positions = torch.stack([t, t.clamp(max=s + r), t])  # q window, q sinks, new key
-        cos, sin = rotary_tables(self.inv_freq, positions, self.rotate_key.dtype, torch.float64)
-        rotations = rotary_matrix(cos, sin, self.rotate_key.shape[0])  # (3, D, D)
-        self.rotate_query.copy_(torch.cat([rotations[0], rotations[1]], dim=-1))
-        self.rotate_key.copy_(rotations[2])
+        cos, sin = rotary_tables(self.inv_freq, positions, torch.float64, torch.float64)
+        # (3, D, D) in float64; the two query blocks carry the scores' 1/sqrt(D)
+        blocks = rotary_matrix(cos, sin, self._swap.shape[0], self._swap) * self._block_scale
+        self._query_blocks.copy_(blocks[:2].transpose(0, 1))
+        self._key_block.copy_(blocks[2])
         self.slot.copy_(ring_slot(t, s, r).view(1))
 
     def advance(self) -> None:
@@ -91,26 +124,21 @@ class StaticSinkCache:
         self.bias.index_fill_(0, self.slot, 0.0)
         self.position.add_(1)
 
-    # -- the cache protocol -----------------------------------------------------------------------
-
-    def attend(self, layer_idx, q, k, v, attention, position_ids, need_probs):
-        if q.shape[-2] != 1 or need_probs or position_ids is not None:
-            raise ValueError("StaticSinkCache takes one token per step, no position_ids, no weights (use SinkCache)")
-        B, H, _, D = q.shape
-        n = self.start_size + self.recent_size
-        keys, values = self.keys[layer_idx], self.values[layer_idx]  # (B, H, n + 1, D)
-        k_new = k @ self.rotate_key  # (B, H, 1, D), at t
-        keys[:, :, n:].copy_(k_new)
-        values[:, :, n:].copy_(v)
-        queries = (q @ self.rotate_query).view(B, H, 2, D)  # rows: at t, at min(t, s + r)
-        both = queries @ keys.transpose(-1, -2)  # (B, H, 2, n + 1)
-        scores = torch.where(self.is_sink, both[:, :, 1:2], both[:, :, 0:1])  # (B, H, 1, n + 1)
-        scores = torch.add(self.bias, scores.float(), alpha=1.0 / math.sqrt(D))  # empty slots -> -inf
-        probs = attention_probs(scores, attention.kind, attention.sink_logit).to(v.dtype)
-        out = probs @ values  # (B, H, 1, D)
-        keys.index_copy_(2, self.slot, k_new)
-        values.index_copy_(2, self.slot, v)
-        return out, None
+    def attend_token(self, layer_idx: int, qkv: torch.Tensor, attention) -> torch.Tensor:
+        """Layer ``layer_idx``'s attention for the step's token: ``qkv`` (B, H, 1, 3D) in GPT-NeoX's
+        per-head [q, k, v] layout, not rotated; writes its key and value; returns the heads' output
+        (B, C) in a scratch tensor that the next layer's call overwrites."""
+        torch.matmul(qkv, self.rotation, out=self._rows)
+        self._own[layer_idx].copy_(self._new)
+        torch.baddbmm(self.bias, self._queries, self._keys_t[layer_idx], out=self._both)  # empty slots -> -inf
+        torch.where(self.is_sink, self._both_sinks, self._both_window, out=self._scores)
+        scores = self._scores_heads
+        probs = attention_probs(scores if scores.dtype == torch.float32 else scores.float(), attention.kind, attention.sink_logit)
+        if probs.dtype != self._out.dtype:
+            probs = probs.to(self._out.dtype)
+        torch.bmm(probs.view(self._scores.shape), self._values[layer_idx], out=self._out)
+        self._layer_kv[layer_idx].index_copy_(3, self.slot, self._new)
+        return self._out_rows
 
     # -- moving state to and from SinkCache (between prompts and decoding; not per token) ------------
 
@@ -159,19 +187,40 @@ class DecodeStep(StaticStep):
 
     ``step(ids)`` with ids (B,) or (B, 1) returns the next-token logits (B, V) in a buffer that the
     next call overwrites; ``mode`` (eager / compile / graph) and the CUDA-graph capture are
-    :class:`~inference.static_step.StaticStep`'s.
+    :class:`~inference.static_step.StaticStep`'s. The layers run over their folded products
+    (:class:`~inference.folded_blocks.FoldedBlocks`), re-folded before a step if a weight changed.
     """
 
     def __init__(self, model, cache: StaticSinkCache, mode: str = "eager"):
-        device = cache.keys.device
+        device = cache.kv.device
         self.check_mode(mode, device)
         self.model, self.cache = model, cache
+        self.folded = FoldedBlocks(model)
         self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self._ids = self.input_ids.view(-1)
+        self.ones = torch.ones(cache.batch_size, 1, dtype=cache.kv.dtype, device=device)  # the bias rows' input
+        self._layers = list(zip(self.folded.layers, (block.attn for block in model.blocks)))
         self.logits = torch.zeros(cache.batch_size, model.config.padded_vocab_size, dtype=torch.float32, device=device)
-        self._init_mode(mode, device)
+        self._init_mode(mode, device, cache.kv.dtype)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.folded.refresh()  # outside the compiled or captured step: it compares Python-side versions
+        return super().__call__(ids)
 
     def _step(self) -> None:  # called by StaticStep under inference_mode
-        self.cache.begin()
-        hidden = self.model.hidden_states(self.input_ids, cache=self.cache)
-        self.logits.copy_(self.model.lm_head(hidden[:, -1]))
-        self.cache.advance()
+        model, cache, product = self.model, self.cache, self.folded.product
+        config = model.config
+        width, heads, eps = config.hidden_size, config.num_heads, config.layer_norm_eps
+        cache.begin()
+        x = F.embedding(self._ids, model.embed.weight)  # (B, C)
+        for i, (f, attention) in enumerate(self._layers):
+            h = product(F.layer_norm(x, (width,), eps=eps), f.w_in, f.b_in)  # (B, 3C [+ M])
+            y = cache.attend_token(i, h[:, : 3 * width].view(x.shape[0], heads, 1, -1), attention)  # (B, C)
+            if f.w_up is None:  # parallel residual: x + attn(ln1(x)) + mlp(ln2(x)) in one product
+                x = product(torch.cat([y, F.gelu(h[:, 3 * width :]), self.ones], dim=1), f.w_out, x)
+            else:  # sequential: x += attn(ln1(x)); x += mlp(ln2(x))
+                x = product(torch.cat([y, self.ones], dim=1), f.w_out, x)
+                u = product(F.layer_norm(x, (width,), eps=eps), f.w_up, f.b_up)
+                x = product(torch.cat([F.gelu(u), self.ones], dim=1), f.w_down, x)
+        self.logits.copy_(model.lm_head(model.ln_f(x)))
+        cache.advance()

@@ -226,7 +226,7 @@ class HFDecodeStep(StaticStep):
         self.cache_key = cache_kwarg(model)
         self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(cache.batch_size, text_config(model).vocab_size, dtype=torch.float32, device=device)
-        self._init_mode(mode, device)
+        self._init_mode(mode, device, cache.bias.dtype)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self._graph is not None:  # the captured kernels already hold the attention

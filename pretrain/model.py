@@ -47,18 +47,26 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
 
 
-def rotary_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+def rotary_swap(ndims: int, head_dim: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """The (D, D) matrix with ``x @ swap == rotate_half``'s swapped half (``-x[i + half]`` for i < half,
+    ``x[i - half]`` for half <= i < ndims, 0 in the pass-through dims): the constant of :func:`rotary_matrix`."""
+    half = ndims // 2
+    eye = torch.eye(half, dtype=dtype, device=device)
+    zero = torch.zeros_like(eye)
+    swap = torch.cat([torch.cat([zero, eye], dim=1), torch.cat([-eye, zero], dim=1)], dim=0)  # (ndims, ndims)
+    return F.pad(swap, (0, head_dim - ndims, 0, head_dim - ndims))  # the pass-through dims are not mixed
+
+
+def rotary_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, swap: torch.Tensor | None = None) -> torch.Tensor:
     """The (..., D, D) matrix M with ``x @ M == rotate_half(x, cos, sin)`` for x (..., D), from tables
     cos, sin (..., ndims): one product instead of the slices and concatenations of :func:`rotate_half`,
     for a decode step that rotates a single position per row (the angles are shared by every layer).
-    Built from elementwise ops and constants only (no indexed writes), so it captures in a CUDA graph."""
-    ndims, half = cos.shape[-1], cos.shape[-1] // 2
-    # rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] for half <= i < ndims: x @ swap
-    eye = torch.eye(half, dtype=cos.dtype, device=cos.device)
-    zero = torch.zeros_like(eye)
-    swap = torch.cat([torch.cat([zero, eye], dim=1), torch.cat([-eye, zero], dim=1)], dim=0)  # (ndims, ndims)
-    swap = F.pad(swap, (0, head_dim - ndims, 0, head_dim - ndims))  # the pass-through dims are not mixed
-    diagonal = F.pad(cos, (0, head_dim - ndims), value=1.0)  # ... and keep their value
+    Built from elementwise ops and constants only (no indexed writes), so it captures in a CUDA graph;
+    a caller that builds one per step passes the constant ``swap`` (:func:`rotary_swap`) made once."""
+    ndims = cos.shape[-1]
+    if swap is None:
+        swap = rotary_swap(ndims, head_dim, cos.dtype, cos.device)
+    diagonal = F.pad(cos, (0, head_dim - ndims), value=1.0)  # the pass-through dims keep their value
     return torch.diag_embed(diagonal) + swap * F.pad(sin, (0, head_dim - ndims))[..., None, :]
 
 
@@ -212,18 +220,52 @@ class Block(nn.Module):
         return self.mlp(self.ln_mlp(x)) + x, probs
 
 
+def column_blocks(weight: torch.Tensor, max_blocks: int, contiguous_columns: bool = False) -> torch.Tensor:
+    """An (N, K) weight, nn.Linear's layout, as (b, K, N / b) column blocks for :func:`few_rows_product`,
+    ``b`` the most blocks up to ``max_blocks`` that divide N.
+
+    By default a view: each output is then a dot product over K, which rounds as ``F.linear`` does.
+    ``contiguous_columns`` copies each block to a row-major (K, N / b), which the CPU BLAS streams
+    faster when N / b is large (a vocabulary head: a pythia-14m decode step takes 2.2 ms with the copy,
+    3.2 ms with the view, on the 2-core EPYC) but sums term by term along K (~2.5x F.linear's rounding
+    error)."""
+    n, k = weight.shape
+    b = next(b for b in range(max_blocks, 0, -1) if n % b == 0)
+    blocks = weight.view(b, n // b, k).transpose(1, 2)
+    return blocks.contiguous() if contiguous_columns else blocks
+
+
+def few_rows_product(rows: torch.Tensor, blocks: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + rows @ W`` for rows (..., K) and W given as :func:`column_blocks` (b, K, N / b); ``base``
+    broadcasts to (..., N) (a bias, or the residual stream), or is already cut as (b, 1, N / b) (a bias
+    cut once, not per call). One batched product: for a few rows the
+    CPU BLAS barely shares one product between two threads, while a batched one gives each thread
+    whole blocks (2-core EPYC, one row: pythia-14m's head 2.6 -> 0.46 ms, 160m's 10 -> 4.4 ms; the
+    products of a 160m decode step's layers, 43 -> 31 ms)."""
+    b, k, width = blocks.shape
+    one_row = rows.dim() == 2 and rows.shape[0] == 1  # a decode step's: fewer view ops (~1 us each)
+    flat = rows.expand(b, 1, k) if one_row else rows.reshape(1, -1, k).expand(b, -1, -1)  # (b, M, K)
+    if base is None:
+        out = torch.bmm(flat, blocks)
+    else:
+        if base.dim() != 3:  # -> (b, M or 1, N / b)
+            base = base.reshape(b, 1, width) if one_row or base.dim() == 1 else base.reshape(-1, b, width).transpose(0, 1)
+        out = torch.baddbmm(base, flat, blocks)
+    if one_row:
+        return out.view(1, b * width)
+    return out.transpose(0, 1).reshape(*rows.shape[:-1], b * width)  # (..., N)
+
+
 class VocabHead(nn.Linear):
     """The untied output embedding. ``head(hidden)`` -> logits; ``head(hidden, labels)`` -> the mean
     next-token loss, computed in chunks (:mod:`pretrain.chunked_loss`) so the full logits never exist.
     Both go through the module call, so ZeRO-3 gathers the weight for either.
 
-    Decoding on a CPU multiplies a few rows by the (V, C) weight, and the CPU BLAS is slow at that
-    with ``F.linear``: it runs one product that the threads barely share. Against a copy of the weight
-    cut into :attr:`BLOCKS` column blocks, (BLOCKS, C, V / BLOCKS), one batched product gives each
-    thread whole blocks (2-core EPYC, 2 threads: pythia-14m 2.6 -> 0.46 ms for one row, 160m 10 ->
-    4.4 ms; still faster at 32 rows, slower from about 128). So inference (no grad) on the CPU with at
-    most :attr:`FEW_ROWS` rows uses that copy, rebuilt whenever the weight's storage or version
-    changes (an optimizer step, a load, a ZeRO-3 gather).
+    Decoding on a CPU multiplies a few rows by the (V, C) weight, where ``F.linear`` is slow (see
+    :func:`few_rows_product`). So inference (no grad) on the CPU with at most :attr:`FEW_ROWS` rows
+    multiplies against a copy of the weight in :attr:`BLOCKS` contiguous column blocks (still faster
+    at 32 rows, slower from about 128), rebuilt whenever the weight's storage or version changes (an
+    optimizer step, a load, a ZeRO-3 gather).
     """
 
     FEW_ROWS = 32
@@ -236,19 +278,14 @@ class VocabHead(nn.Linear):
             hidden.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and hidden[..., 0].numel() <= self.FEW_ROWS
         ):
-            blocks = self._blocked_weight()  # (b, C, V / b)
-            rows = hidden.reshape(1, -1, hidden.shape[-1]).expand(blocks.shape[0], -1, -1)  # (b, M, C)
-            logits = torch.bmm(rows, blocks)  # (b, M, V / b)
-            return logits.transpose(0, 1).reshape(*hidden.shape[:-1], self.out_features)  # (..., V)
+            return few_rows_product(hidden, self._blocked_weight())  # (..., V)
         return super().forward(hidden)
 
     def _blocked_weight(self) -> torch.Tensor:
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
         if getattr(self, "_blocked_key", None) != key:
-            vocab, width = weight.shape
-            blocks = next(b for b in range(self.BLOCKS, 0, -1) if vocab % b == 0)  # the most that divide V
-            self._blocked = weight.detach().t().reshape(width, blocks, vocab // blocks).transpose(0, 1).contiguous()
+            self._blocked = column_blocks(weight.detach(), self.BLOCKS, contiguous_columns=True)  # (b, C, V / b)
             self._blocked_key = key
         return self._blocked
 

@@ -22,14 +22,19 @@ START, RECENT, BATCH = 2, 5, 2
 VARIANTS = [("softmax", 0), ("softmax1", 0), ("sink_logit", 0), ("softmax", 1)]
 
 
-def make_model(attention: str, sink_tokens: int) -> GPTNeoX:
+def make_model(attention: str, sink_tokens: int, parallel: bool = True) -> GPTNeoX:
     # init_std 0.3: peaked attention, so a wrong position or a wrongly kept key shows in the logits
     config = ModelConfig.from_preset(
         "tiny", attention=attention, sink_tokens=sink_tokens, num_layers=2, vocab_size=120,
-        init_method="normal", init_std=0.3, sink_logit_init=0.7,
+        init_method="normal", init_std=0.3, sink_logit_init=0.7, use_parallel_residual=parallel,
     )
     torch.manual_seed(0)
-    return GPTNeoX(config).eval()
+    model = GPTNeoX(config).eval()
+    with torch.no_grad():  # LayerNorm affines and biases off their unit/zero init: the step folds them
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and not name.endswith("sink_logit"):
+                param.add_(torch.randn_like(param), alpha=0.3)
+    return model
 
 
 def stream_ids(model: GPTNeoX, length: int) -> torch.Tensor:
@@ -44,6 +49,14 @@ def eager_logits(model: GPTNeoX, ids: torch.Tensor, start: int = START) -> torch
     return torch.stack([model(ids[:, t : t + 1], cache=cache).logits[:, -1] for t in range(ids.shape[1])], 1)
 
 
+def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to float32 rounding: 1e-5 of the logits' scale. The step multiplies by folded products
+    in its own order, so its rounding differs from SinkCache's module path by ~1e-6 of the scale on
+    these deliberately peaked models (logits ~10); a wrong slot, position or mask moves logits by
+    ~1e-1 here."""
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
 @torch.no_grad()
 def step_logits(model: GPTNeoX, ids: torch.Tensor, mode: str, start: int = START) -> torch.Tensor:
     step = DecodeStep(model, StaticSinkCache(model, BATCH, start, RECENT), mode)
@@ -56,16 +69,77 @@ def test_eager_step_equals_sink_cache_across_eviction(attention, sinks, start):
     """From the first token, through filling, to well past eviction (3 x the cache), B=2 in lockstep."""
     model = make_model(attention, sinks)
     ids = stream_ids(model, 3 * (start + RECENT) + 2)
-    torch.testing.assert_close(step_logits(model, ids, "eager", start), eager_logits(model, ids, start), atol=1e-5, rtol=1e-5)
+    assert_same_logits(step_logits(model, ids, "eager", start), eager_logits(model, ids, start))
+
+
+def test_sequential_residual_step_equals_sink_cache():
+    """The sequential residual (x + attn(ln1(x)), then + mlp(ln2(.))) folds into its own products."""
+    model = make_model("softmax1", 0, parallel=False)
+    ids = stream_ids(model, 2 * (START + RECENT) + 3)
+    assert_same_logits(step_logits(model, ids, "eager"), eager_logits(model, ids))
+
+
+@torch.no_grad()
+def test_step_follows_weight_changes():
+    """The step multiplies by folded copies of the weights: an in-place update (an optimizer step, a
+    load) and a replaced Parameter are both seen at the next token, not decoded with stale copies."""
+    model = make_model("softmax", 0)
+    ids = stream_ids(model, 12)
+    step = DecodeStep(model, StaticSinkCache(model, BATCH, START, RECENT))
+    cache = SinkCache(START, RECENT)
+    for t in range(12):
+        if t == 4:
+            model.blocks[0].ln_mlp.weight.mul_(1.5)
+            model.blocks[1].attn.qkv.bias.add_(0.2)
+        if t == 8:  # a new Parameter at the old one's version: only its storage tells them apart
+            old = model.blocks[1].mlp.down.weight
+            replaced = torch.nn.Parameter(old * -1.0)
+            while replaced._version < old._version:
+                replaced.mul_(1.0)
+            assert replaced._version == old._version
+            model.blocks[1].mlp.down.weight = replaced
+        want = model(ids[:, t : t + 1], cache=cache).logits[:, -1]
+        assert_same_logits(step(ids[:, t]), want)
+
+
+@torch.no_grad()
+def test_cpu_step_leaves_onednn_as_it_found_it():
+    """A float32 CPU step turns oneDNN off while it runs (its one-row GELU is ~10x ATen's) and back on
+    after, also when the step raises; a caller that had it off finds it off."""
+    model = make_model("softmax", 0)
+    step = DecodeStep(model, StaticSinkCache(model, BATCH, START, RECENT))
+    seen = []
+    run = step._run
+
+    def watched():
+        seen.append(torch.backends.mkldnn.enabled)
+        run()
+        if len(seen) == 2:
+            raise RuntimeError("a step that fails")
+
+    step._run = watched
+    step(torch.zeros(BATCH, dtype=torch.long))
+    assert seen == [False] and torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        step(torch.zeros(BATCH, dtype=torch.long))
+    assert torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        step(torch.zeros(BATCH, dtype=torch.long))
+        assert not torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 @pytest.mark.parametrize("attention, sinks", VARIANTS)
 def test_compiled_step_equals_eager(attention, sinks):
-    """torch.compile of the whole step (inductor on this CPU) gives the eager path's logits to 1e-5,
-    before and after eviction starts."""
+    """torch.compile of the whole step (inductor on this CPU) gives the eager step's logits to 1e-5,
+    before and after eviction starts (and so SinkCache's)."""
     model = make_model(attention, sinks)
     ids = stream_ids(model, 2 * (START + RECENT) + 1)
-    torch.testing.assert_close(step_logits(model, ids, "compile"), eager_logits(model, ids), atol=1e-5, rtol=1e-5)
+    compiled = step_logits(model, ids, "compile")
+    torch.testing.assert_close(compiled, step_logits(model, ids, "eager"), atol=1e-5, rtol=1e-5)
+    assert_same_logits(compiled, eager_logits(model, ids))
 
 
 @torch.no_grad()
@@ -83,9 +157,9 @@ def test_hand_over_from_and_back_to_the_chunked_path():
     static.write_back(cache)
     assert cache.seen == 20 and len(cache) == START + RECENT
     got.append(model(ids[:, 20:30], cache=cache).logits[:, -1])
-    torch.testing.assert_close(got[0], want[:, 3], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.stack(got[1:-1], 1), want[:, 4:20], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[-1], want[:, 29], atol=1e-5, rtol=1e-5)
+    assert_same_logits(got[0], want[:, 3])
+    assert_same_logits(torch.stack(got[1:-1], 1), want[:, 4:20])
+    assert_same_logits(got[-1], want[:, 29])
 
 
 class HostSyncs(TorchDispatchMode):
