@@ -238,10 +238,11 @@ def column_blocks(weight: torch.Tensor, max_blocks: int, contiguous_columns: boo
 def few_rows_product(rows: torch.Tensor, blocks: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     """``base + rows @ W`` for rows (..., K) and W given as :func:`column_blocks` (b, K, N / b); ``base``
     broadcasts to (..., N) (a bias, or the residual stream), or is already cut as (b, 1, N / b) (a bias
-    cut once, not per call). One batched product: for a few rows the
-    CPU BLAS barely shares one product between two threads, while a batched one gives each thread
-    whole blocks (2-core EPYC, one row: pythia-14m's head 2.6 -> 0.46 ms, 160m's 10 -> 4.4 ms; the
-    products of a 160m decode step's layers, 43 -> 31 ms)."""
+    cut once, not per call).
+
+    One batched product: for a few rows the CPU BLAS barely shares one product between two threads,
+    while a batched one gives each thread whole blocks (2-core EPYC, one row: pythia-14m's head
+    2.6 -> 0.46 ms, 160m's 10 -> 4.4 ms; a 160m decode step with its layers' products blocked, 43 -> 31 ms)."""
     b, k, width = blocks.shape
     one_row = rows.dim() == 2 and rows.shape[0] == 1  # a decode step's: fewer view ops (~1 us each)
     flat = rows.expand(b, 1, k) if one_row else rows.reshape(1, -1, k).expand(b, -1, -1)  # (b, M, K)
