@@ -56,6 +56,7 @@ def step_bytes(model, window: int) -> int:
 # weight once per token, and on these shapes that sweep does not stay cached (pythia-14m: 37 MB
 # per step beside 32 MB of L3 on the 2-core EPYC, so the head's 26 MB evicts the layers' weights)
 STREAM_BYTES = 256 << 20
+INTERLEAVED_ROUNDS, INTERLEAVED_TOKENS = 30, 100  # the flat run's drift-free check (see flat_latency)
 
 
 @torch.no_grad()
@@ -154,7 +155,8 @@ def decode_comparison(model, sizes, steps, rounds, device, start_size, mode="eag
 
 @torch.no_grad()
 def flat_latency(model, tokens, start_size, recent_size, device, mode="eager", clock: str = "wall") -> dict:
-    """Per-token times of the decode step over a long stream: first 10% after the cache fills vs the last 10%.
+    """Per-token times of the decode step over a long stream: first 10% after the cache fills vs the last 10%,
+    and the stream's step at its end alternated with a fresh one (see below).
 
     ``clock="cpu"`` times each token by the calling thread's CPU time (``time.thread_time``; with one
     torch thread all the work runs there), which does not count time spent descheduled, so a run on a
@@ -174,6 +176,22 @@ def flat_latency(model, tokens, start_size, recent_size, device, mode="eager", c
     steady = per_token[filled:]
     tenth = max(1, len(steady) // 10)
     first, last = statistics.median(steady[:tenth]), statistics.median(steady[-tenth:])
+    # the first and last tenths run minutes apart, and a shared machine drifts in between (the same
+    # code gave 0.38 by wall clock and 1.29 by CPU time on one day): so also the stream's step, now
+    # far in, alternated round by round with a fresh one just past the fill point, on the same ids
+    early = DecodeStep(model, StaticSinkCache(model, 1, start_size, recent_size), mode)
+    for t in range(filled):
+        early(ids[:, t])
+    positions = [int(early.cache.position), int(step.cache.position)]  # where the two start
+    rounds: dict[str, list[float]] = {"early": [], "late": []}
+    for r in range(INTERLEAVED_ROUNDS):
+        for name, timed in (("early", early), ("late", step)):
+            sync(device)
+            began = now()
+            for t in range(INTERLEAVED_TOKENS):
+                timed(ids[:, (r * INTERLEAVED_TOKENS + t) % tokens])
+            sync(device)
+            rounds[name].append((now() - began) / INTERLEAVED_TOKENS)
     return {
         "tokens": tokens,
         "clock": clock,
@@ -181,6 +199,8 @@ def flat_latency(model, tokens, start_size, recent_size, device, mode="eager", c
         "first10_ms": 1000 * first,
         "last10_ms": 1000 * last,
         "last_over_first": last / first,
+        "interleaved_positions": positions,
+        "interleaved_late_over_early": statistics.median(rounds["late"]) / statistics.median(rounds["early"]),
         "cache_bytes": sum(b.numel() * b.element_size() for b in cache.buffers()),
     }
 
@@ -235,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if flat is not None:
         print(f"  flat: last 10% / first 10% per-token time = {flat['last_over_first']:.3f} "
               f"({flat['first10_ms']:.3f} -> {flat['last10_ms']:.3f} ms {flat['clock']} over {flat['tokens']:,} tokens; "
-              f"cache {flat['cache_bytes']:,} bytes)")
+              f"cache {flat['cache_bytes']:,} bytes); alternated, position {flat['interleaved_positions'][1]:,} / "
+              f"{flat['interleaved_positions'][0]:,} = {flat['interleaved_late_over_early']:.3f}")
     result = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "batch": args.batch, "step_mode": mode, "decode": rows, "flat": flat}
     print(json.dumps(result))
