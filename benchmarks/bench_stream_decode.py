@@ -86,15 +86,15 @@ def time_stream(model, cache, ids, steps) -> float:
 
 
 @torch.no_grad()
-def time_step(step: DecodeStep, ids, steps) -> float:
-    """Seconds per token through the fixed-shape decode step."""
+def time_step(step: DecodeStep, ids, steps, clock=time.perf_counter) -> float:
+    """Seconds per token through the fixed-shape decode step (by ``clock``: wall or thread CPU time)."""
     device = ids.device
     sync(device)
-    began = time.perf_counter()
+    began = clock()
     for t in range(steps):
         step(ids[:, t])
     sync(device)
-    return (time.perf_counter() - began) / steps
+    return (clock() - began) / steps
 
 
 @torch.no_grad()
@@ -185,13 +185,9 @@ def flat_latency(model, tokens, start_size, recent_size, device, mode="eager", c
     positions = [int(early.cache.position), int(step.cache.position)]  # where the two start
     rounds: dict[str, list[float]] = {"early": [], "late": []}
     for r in range(INTERLEAVED_ROUNDS):
+        round_ids = ids[:, (torch.arange(INTERLEAVED_TOKENS, device=device) + r * INTERLEAVED_TOKENS) % tokens]
         for name, timed in (("early", early), ("late", step)):
-            sync(device)
-            began = now()
-            for t in range(INTERLEAVED_TOKENS):
-                timed(ids[:, (r * INTERLEAVED_TOKENS + t) % tokens])
-            sync(device)
-            rounds[name].append((now() - began) / INTERLEAVED_TOKENS)
+            rounds[name].append(time_step(timed, round_ids, INTERLEAVED_TOKENS, now))
     return {
         "tokens": tokens,
         "clock": clock,

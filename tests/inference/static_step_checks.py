@@ -1,14 +1,26 @@
 """The steady-state check every fixed-shape decode step must pass (inference/static_step.py's subclasses).
 
 After ``warm`` tokens a step reads no device value on the host and keeps the address of every buffer it
-touches and of the logits it returns. ``HostSyncs`` counts the host reads (``test_decode_step.py``).
+touches and of the logits it returns. ``HostSyncs`` counts the host reads.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_decode_step import HostSyncs
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (``.item()``, ``bool(t)``, ``int(t)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()

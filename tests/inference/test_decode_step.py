@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from inference.cache import SinkCache
 from inference.decode_step import DecodeStep, StaticSinkCache
 from pretrain.config import ModelConfig
 from pretrain.model import GPTNeoX
+from static_step_checks import assert_steady_state
 
 START, RECENT, BATCH = 2, 5, 2
 VARIANTS = [("softmax", 0), ("softmax1", 0), ("sink_logit", 0), ("softmax", 1)]
@@ -162,35 +162,12 @@ def test_hand_over_from_and_back_to_the_chunked_path():
     assert_same_logits(got[-1], want[:, 29])
 
 
-class HostSyncs(TorchDispatchMode):
-    """Counts the ops that copy a device value to the host (``.item()``, ``bool(t)``, ``int(t)``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 @torch.no_grad()
 def test_steady_state_step_has_no_host_sync_and_fixed_buffers():
     """A step after eviction started reads no device value on the host, and every buffer it
     touches (keys, values, mask, position, slot, angles, the logits it returns) keeps its address."""
     model = make_model("softmax1", 0)
-    ids = stream_ids(model, 40)
-    step = DecodeStep(model, StaticSinkCache(model, BATCH, START, RECENT))
-    for t in range(20):
-        step(ids[:, t])
-    before = [b.data_ptr() for b in step.cache.buffers()] + [step.logits.data_ptr()]
-    with HostSyncs() as mode:
-        outs = [step(ids[:, t]) for t in range(20, 40)]
-    assert mode.syncs == 0
-    assert [b.data_ptr() for b in step.cache.buffers()] + [step.logits.data_ptr()] == before
-    assert all(o.data_ptr() == before[-1] for o in outs)
-    assert int(step.cache.position) == 40
+    assert_steady_state(DecodeStep(model, StaticSinkCache(model, BATCH, START, RECENT)), stream_ids(model, 40), warm=20)
 
 
 def test_bad_sizes_and_modes_are_refused():

@@ -12,18 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.folded_blocks import FoldedBlocks
-from pretrain.config import ModelConfig
-from pretrain.model import GPTNeoX
-
-
-def perturbed_model(parallel: bool) -> GPTNeoX:
-    torch.manual_seed(0)
-    model = GPTNeoX(ModelConfig.from_preset("tiny", num_layers=2, use_parallel_residual=parallel)).eval()
-    with torch.no_grad():  # LayerNorm affines and biases away from 1 and 0, or their folds go unseen
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(torch.randn_like(param), alpha=0.5)
-    return model
+from test_decode_step import make_model  # tiny, peaked, LayerNorm affines and biases off their init
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -31,7 +20,7 @@ def perturbed_model(parallel: bool) -> GPTNeoX:
 @pytest.mark.parametrize("rows", [1, 3])  # one stream (few_rows_product's one-row path) and a batch
 @torch.no_grad()
 def test_folded_products_equal_the_modules(parallel, blocked, rows):
-    model = perturbed_model(parallel)
+    model = make_model("softmax", 0, parallel)
     folded = FoldedBlocks(model, blocked=blocked)
     x, y = torch.randn(rows, model.config.hidden_size), torch.randn(rows, model.config.hidden_size)
     ones = torch.ones(rows, 1)
@@ -60,7 +49,7 @@ def test_folded_products_equal_the_modules(parallel, blocked, rows):
 def test_refresh_refolds_in_place_only_after_a_change():
     """A step calls refresh() every token: without a change it keeps the same tensors (a captured
     CUDA graph reads them by address); after one it rewrites them where they are."""
-    model = perturbed_model(True)
+    model = make_model("softmax", 0)
     folded = FoldedBlocks(model)
     weight = folded.layers[1].w_out
     before = weight.clone()
